@@ -8,13 +8,14 @@ worker) and stops it afterwards. Both targets run in alternating rounds (ABBA), 
 noise (other processes on these 2 cores) hits both alike.
 
 - fast: non-streaming chat requests over 32 keep-alive connections to `bench.responder`,
-  direct vs through the proxy: requests/s and p50 latency each, and the added p50. The load
-  generator is a raw HTTP/1.1 client on asyncio protocols (uvloop): one pre-encoded request per
-  target, a response parser that only reads the status line and Content-Length, no coroutine
-  or future per request. Its capacity is the "direct" number (generator + responder alone),
-  and its own CPU use per round is reported, so a generator-bound result is visible. Added
-  p50 at 32 connections includes queueing behind the proxy's throughput limit; the added p50
-  at 1 connection is the per-request cost.
+  direct vs through the proxy, with the raw generator of bench/blaster.py, in three phases:
+  a closed loop (capacity: requests/s), an open loop at --rate requests/s (default 1,500, the
+  throughput target: the latency the proxy adds at that load), and a closed loop on one
+  connection (the per-request cost). The generator's capacity is the "direct" number
+  (generator + responder alone), and its own CPU use per round is reported, so a
+  generator-bound result is visible. The closed loop's added p50 is reported too: at
+  saturation every connection queues behind the slower target, so it measures throughput
+  (p50 ~ connections / req/s), not the cost of one request.
 - vllm: 16 concurrent streams of 64 output tokens (ignore_eos) against a running vLLM, direct
   vs through the proxy, with `ptst bench load`'s request code and metric definitions. The
   direct requests carry exactly the body the proxy sends upstream (learned by routing one
@@ -26,9 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -37,15 +36,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import uvloop
 import yaml
 
 from bench import load, report, stats
+from bench.blaster import Blaster, Side, http_request, interleave
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST_TARGETS = {"requests_per_s": 1500.0, "added_p50_ms": 2.0}
@@ -165,179 +164,6 @@ def proxy(routes: list[dict[str, Any]]) -> Iterator[str]:
             proc.stop()
 
 
-# --- the raw HTTP/1.1 load generator ---------------------------------------------------------
-
-
-_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)")
-
-
-@dataclass
-class Tally:
-    """Latencies (s) and failures recorded by the connections of one target in one round."""
-
-    latencies: list[float] = field(default_factory=list)
-    errors: int = 0
-    statuses: dict[int, int] = field(default_factory=dict)
-
-
-class _Conn(asyncio.Protocol):
-    """One keep-alive connection in a closed loop: send, read the whole response, send again."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.sent_at = 0.0
-        self.deadline = 0.0
-        self.tally = Tally()
-        self.done: asyncio.Future[None] | None = None
-        self.alive = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have the same API
-        self.transport = cast(asyncio.Transport, transport)
-        self.alive = True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.alive = False
-        if self.done is not None and not self.done.done():
-            self.tally.errors += 1
-            self.done.set_result(None)
-
-    def start(self, deadline: float, tally: Tally) -> asyncio.Future[None]:
-        self.deadline, self.tally, self.buffer = deadline, tally, b""
-        self.done = asyncio.get_running_loop().create_future()
-        self._send()
-        return self.done
-
-    def _send(self) -> None:
-        assert self.transport is not None
-        self.sent_at = time.perf_counter()
-        self.transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buffer + data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            self.buffer = buf
-            return
-        head = buf[:end].lower()
-        match = _LENGTH.search(head)
-        if match is None:  # chunked or close-delimited: not what these servers send
-            if b"\r\n0\r\n\r\n" not in buf:
-                self.buffer = buf
-                return
-            total = buf.index(b"\r\n0\r\n\r\n") + 7
-        else:
-            total = end + 4 + int(match.group(1))
-            if len(buf) < total:
-                self.buffer = buf
-                return
-        now = time.perf_counter()
-        status = int(buf[9:12])
-        tally = self.tally
-        if status == 200:
-            tally.latencies.append(now - self.sent_at)
-        else:
-            tally.errors += 1
-        tally.statuses[status] = tally.statuses.get(status, 0) + 1
-        self.buffer = buf[total:]
-        if now < self.deadline:
-            self._send()
-        elif self.done is not None and not self.done.done():
-            self.done.set_result(None)
-
-
-def http_request(base_url: str, path: str, body: dict[str, Any]) -> bytes:
-    """A complete HTTP/1.1 keep-alive POST with a JSON body, encoded once and reused."""
-    url = httpx.URL(base_url.rstrip("/") + path)
-    payload = json.dumps(body).encode()
-    head = (
-        f"POST {url.raw_path.decode()} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-    )
-    return head.encode() + payload
-
-
-class Blaster:
-    """A pool of raw connections to one target, reused across rounds."""
-
-    def __init__(self, base_url: str, request: bytes, connections: int) -> None:
-        url = httpx.URL(base_url)
-        self.host, self.port = url.host, url.port or 80
-        self.request = request
-        self.conns: list[_Conn] = []
-        self.connections = connections
-
-    async def _ensure(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.conns = [c for c in self.conns if c.alive]
-        while len(self.conns) < self.connections:
-            _, conn = await loop.create_connection(
-                lambda: _Conn(self.request), self.host, self.port
-            )
-            self.conns.append(conn)
-
-    async def round(
-        self, seconds: float, connections: int | None = None
-    ) -> tuple[Tally, float, float]:
-        """Closed loop for `seconds` on `connections` connections; (tally, wall s, generator CPU s)."""
-        await self._ensure()
-        tally = Tally()
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        deadline = t0 + seconds
-        conns = self.conns[: connections or self.connections]
-        await asyncio.gather(*(c.start(deadline, tally) for c in conns))
-        return tally, time.perf_counter() - t0, time.process_time() - cpu0
-
-    def close(self) -> None:
-        for conn in self.conns:
-            if conn.transport is not None:
-                conn.transport.close()
-
-
-@dataclass
-class Side:
-    """What one target accumulated over its rounds."""
-
-    latencies: list[float] = field(default_factory=list)
-    count: int = 0
-    errors: int = 0
-    seconds: float = 0.0
-    cpu: float = 0.0
-
-    def add(self, tally: Tally, seconds: float, cpu: float) -> None:
-        self.latencies += tally.latencies
-        self.count += len(tally.latencies)
-        self.errors += tally.errors
-        self.seconds += seconds
-        self.cpu += cpu
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "requests": self.count,
-            "errors": self.errors,
-            "seconds": self.seconds,
-            "requests_per_s": self.count / self.seconds if self.seconds else 0.0,
-            "latency_ms": stats.summarize(self.latencies, 1000),
-            "generator_cpu_share": self.cpu / self.seconds if self.seconds else 0.0,
-        }
-
-
-async def interleave(
-    blasters: Sequence[Blaster], rounds: int, seconds: float, connections: int | None = None
-) -> list[Side]:
-    """Alternate closed-loop rounds over the targets in ABBA order; one Side per target."""
-    sides = [Side() for _ in blasters]
-    for r in range(rounds):
-        order = list(range(len(blasters)))
-        if r % 2:
-            order.reverse()
-        for t in order:
-            sides[t].add(*await blasters[t].round(seconds, connections))
-    return sides
-
-
 # --- settings --------------------------------------------------------------------------------
 
 
@@ -358,30 +184,33 @@ async def measure_fast(
     round_seconds: float,
     warmup_seconds: float,
     tokens: int,
+    rate: float | None = None,
 ) -> dict[str, Any]:
-    """Interleaved rounds at `connections`, then at 1 connection; summaries and the deltas."""
+    """Interleaved rounds in each phase, direct vs proxy: a closed loop on `connections`
+    ("loaded": capacity), an open loop at `rate` req/s over the same connections ("at_rate"),
+    and a closed loop on one connection ("single": the per-request cost)."""
+    request = http_request(direct_url, "/chat/completions", chat_body("bench", tokens))
     targets = [
-        Blaster(
-            direct_url,
-            http_request(direct_url, "/chat/completions", chat_body("bench", tokens)),
-            connections,
-        ),
+        Blaster(direct_url, request, connections),
         Blaster(
             proxy_url,
             http_request(proxy_url, "/chat/completions", chat_body("bench", tokens)),
             connections,
         ),
     ]
+    phases: dict[str, list[Side]] = {}
     try:
         for b in targets:
             await b.round(warmup_seconds)
-        loaded = await interleave(targets, rounds, round_seconds)
-        single = await interleave(targets, rounds, round_seconds / 2, connections=1)
+        phases["loaded"] = await interleave(targets, rounds, round_seconds)
+        if rate:
+            phases["at_rate"] = await interleave(targets, rounds, round_seconds, rate=rate)
+        phases["single"] = await interleave(targets, rounds, round_seconds / 2, connections=1)
     finally:
         for b in targets:
             b.close()
-    out: dict[str, Any] = {"connections": connections}
-    for name, sides in (("loaded", loaded), ("single", single)):
+    out: dict[str, Any] = {"connections": connections, "rate": rate}
+    for name, sides in phases.items():
         direct, proxied = sides[0].summary(), sides[1].summary()
         out[name] = {
             "latencies": {"direct": sides[0].latencies, "proxy": sides[1].latencies},
@@ -404,7 +233,14 @@ def run_fast(args: argparse.Namespace) -> dict[str, Any]:
         check.raise_for_status()
         result: dict[str, Any] = uvloop.run(
             measure_fast(
-                upstream, front, args.connections, args.rounds, args.round_seconds, 1.0, tokens
+                upstream,
+                front,
+                args.connections,
+                args.rounds,
+                args.round_seconds,
+                1.0,
+                tokens,
+                args.rate or None,
             )
         )
     result["direct_url"], result["proxy_url"] = upstream, front
@@ -494,16 +330,23 @@ def run_vllm(args: argparse.Namespace) -> dict[str, Any]:
 # --- reporting -------------------------------------------------------------------------------
 
 
+PHASES = {"loaded": "closed loop", "at_rate": "open loop", "single": "closed loop"}
+
+
 def fast_markdown(res: dict[str, Any]) -> str:
+    conns, rate = res["connections"], res.get("rate")
     rows = []
-    for name in ("loaded", "single"):
+    for name, loop in PHASES.items():
+        if name not in res:
+            continue
         part = res[name]
-        conns = res["connections"] if name == "loaded" else 1
+        offered = f"{rate:g} req/s" if name == "at_rate" else "as fast as answered"
         for side in ("direct", "proxy"):
             s = part[side]
             rows.append(
                 [
-                    conns,
+                    1 if name == "single" else conns,
+                    f"{loop}, {offered}",
                     side,
                     s["requests"],
                     s["errors"],
@@ -514,32 +357,32 @@ def fast_markdown(res: dict[str, Any]) -> str:
                 ]
             )
     loaded, single = res["loaded"], res["single"]
-    rps = loaded["proxy"]["requests_per_s"]
+    rps, want_rps = loaded["proxy"]["requests_per_s"], FAST_TARGETS["requests_per_s"]
+    want_ms = FAST_TARGETS["added_p50_ms"]
     verdict = [
-        f"- proxy throughput at {res['connections']} connections: **{rps:.0f} req/s** "
-        f"(target >= {FAST_TARGETS['requests_per_s']:.0f}: {'met' if rps >= FAST_TARGETS['requests_per_s'] else 'NOT met'})",
-        f"- added p50 at {res['connections']} connections: **{loaded['added_p50_ms']:.2f} ms** "
-        f"(target <= {FAST_TARGETS['added_p50_ms']:g} ms: "
-        f"{'met' if loaded['added_p50_ms'] <= FAST_TARGETS['added_p50_ms'] else 'NOT met'}); "
-        "at saturation this is mostly queueing behind the proxy's req/s limit",
+        f"- proxy capacity at {conns} connections (closed loop): **{rps:.0f} req/s** "
+        f"(target >= {want_rps:.0f}: {'met' if rps >= want_rps else 'NOT met'})",
+    ]
+    if "at_rate" in res and rate:
+        at = res["at_rate"]
+        kept = at["proxy"]["requests_per_s"]
+        verdict.append(
+            f"- added p50 at {rate:g} req/s offered over {conns} connections (open loop): "
+            f"**{at['added_p50_ms']:.2f} ms** (target <= {want_ms:g} ms: "
+            f"{'met' if at['added_p50_ms'] <= want_ms and kept >= 0.97 * rate else 'NOT met'}); "
+            f"the proxy completed {kept:.0f} req/s"
+        )
+    verdict += [
+        f"- added p50 at saturation (closed loop, {conns} connections): "
+        f"{loaded['added_p50_ms']:.2f} ms: every connection queues behind the slower target, "
+        f"so p50 is about {conns} / throughput on each side",
         f"- added p50 at 1 connection (the per-request cost): **{single['added_p50_ms']:.2f} ms**",
         f"- generator capacity (direct, generator + responder alone): "
-        f"{loaded['direct']['requests_per_s']:.0f} req/s; generator CPU share while driving the proxy: "
-        f"{loaded['proxy']['generator_cpu_share']:.0%} of one core",
+        f"{loaded['direct']['requests_per_s']:.0f} req/s; generator CPU share while driving the "
+        f"proxy: {loaded['proxy']['generator_cpu_share']:.0%} of one core",
     ]
-    table = report.markdown_table(
-        [
-            "connections",
-            "target",
-            "requests",
-            "errors",
-            "req/s",
-            "p50 ms",
-            "p99 ms",
-            "generator CPU",
-        ],
-        rows,
-    )
+    headers = ["connections", "load", "target", "requests", "errors", "req/s", "p50 ms"]
+    table = report.markdown_table([*headers, "p99 ms", "generator CPU"], rows)
     return "\n".join(verdict) + "\n\n" + table
 
 
@@ -580,6 +423,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fast = parser.add_argument_group("fast")
     fast.add_argument("--connections", type=int, default=32)
     fast.add_argument("--round-seconds", type=float, default=1.5)
+    fast.add_argument(
+        "--rate",
+        type=float,
+        default=FAST_TARGETS["requests_per_s"],
+        help="offered req/s of the open-loop phase (0: skip it)",
+    )
     vllm = parser.add_argument_group("vllm")
     vllm.add_argument("--upstream", help="vLLM base URL, e.g. http://127.0.0.1:18000/v1")
     vllm.add_argument("--model", help="served model name at --upstream")
@@ -591,13 +440,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vllm.add_argument("--output-len", type=int, default=64)
 
 
-def fast_plots(folder: Path, result: dict[str, Any], connections: int) -> list[Path]:
-    """Bars of req/s and p50 (loaded and single connection) and the loaded latency CDF."""
-    sides, parts = ("direct", "proxy"), ("loaded", "single")
-    groups = [f"{connections} connections", "1 connection"]
-    rps = {s: [result[k][s]["requests_per_s"] for k in parts] for s in sides}
-    p50 = {s: [result[k][s]["latency_ms"]["p50"] for k in parts] for s in sides}
-    latencies = result["loaded"]["latencies"]
+def fast_plots(folder: Path, result: dict[str, Any]) -> list[Path]:
+    """Bars of req/s and p50 per phase, and the latency CDF at the offered rate (else loaded)."""
+    sides = ("direct", "proxy")
+    parts = [p for p in PHASES if p in result]
+    names = {
+        "loaded": f"{result['connections']} conns, closed",
+        "at_rate": f"{result['rate']:g} req/s, open",
+        "single": "1 conn, closed",
+    }
+    groups = [names[p] for p in parts]
+    rps = {s: [result[p][s]["requests_per_s"] for p in parts] for s in sides}
+    p50 = {s: [result[p][s]["latency_ms"]["p50"] for p in parts] for s in sides}
+    latencies = result["at_rate" if "at_rate" in result else "loaded"]["latencies"]
     return [
         report.plot_bars(folder / "throughput.png", groups, rps, "requests/s"),
         report.plot_bars(folder / "latency_p50.png", groups, p50, "p50 latency (ms)"),
@@ -610,9 +465,10 @@ def run(args: argparse.Namespace) -> int:
         result = run_fast(args)
         md = fast_markdown(result)
         folder = report.run_dir(args.out, "overhead", "fast")
-        images = fast_plots(folder, result, args.connections)
-        for part in ("loaded", "single"):  # raw latencies: plotted, not stored
-            result[part].pop("latencies")
+        images = fast_plots(folder, result)
+        for part in PHASES:  # raw latencies: plotted, not stored
+            if part in result:
+                result[part].pop("latencies")
     else:
         result = run_vllm(args)
         md = vllm_markdown(result)

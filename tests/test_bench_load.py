@@ -242,20 +242,24 @@ def test_non_streaming_and_completions(
 def test_raw_generator_against_the_responder(responder_url: str) -> None:
     import uvloop
 
-    from bench import overhead
+    from bench import blaster, overhead
 
-    request = overhead.http_request(responder_url, "/chat/completions", overhead.chat_body("x", 4))
+    request = blaster.http_request(responder_url, "/chat/completions", overhead.chat_body("x", 4))
     assert request.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:")
     result = uvloop.run(
-        overhead.measure_fast(responder_url, responder_url, 4, 2, 0.2, 0.1, tokens=4)
+        overhead.measure_fast(responder_url, responder_url, 4, 2, 0.4, 0.1, tokens=4, rate=200)
     )
-    for part in ("loaded", "single"):
+    for part in ("loaded", "at_rate", "single"):
         for side in ("direct", "proxy"):
             s = result[part][side]
             assert s["errors"] == 0 and s["requests"] > 10
             assert s["requests"] == len(result[part]["latencies"][side])
             assert s["latency_ms"]["p50"] <= s["latency_ms"]["p99"]
             assert 0 < s["generator_cpu_share"] <= 1.5
+    # the open loop offers 200 req/s (Poisson), far below the responder's capacity: it keeps up
+    for side in ("direct", "proxy"):
+        assert 120 < result["at_rate"][side]["requests_per_s"] < 280
+        assert result["at_rate"][side]["requests_per_s"] < result["loaded"][side]["requests_per_s"]
 
 
 def test_direct_target_mirrors_the_proxy_rewrite() -> None:
