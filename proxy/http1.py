@@ -5,7 +5,8 @@ Why not aiohttp: profiled here at 32 concurrent keep-alive connections, aiohttp'
 machinery (request/response objects, payload registry, stream readers, timers) was about half
 of the proxy's CPU per request. The upstream hop needs far less: one POST or GET on a pooled
 connection, a status, a body. Each connection is its own asyncio protocol; a request is one
-write, and the response wakes one future when the caller has something to wait for.
+write, and the response wakes one future when the caller has something to wait for. The
+proxy sends POST and GET only (no HEAD, no Expect: 100-continue).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class Origin:
 
     @property
     def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        return host if self.port == default else f"{host}:{self.port}"
 
 
 def split_url(url: str) -> tuple[Origin, str]:
@@ -66,6 +68,7 @@ class Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.status = 0
+        self.framed = False  # Content-Length or chunked; else the body ends when the socket does
         self.complete = False
         self.keep_alive = False
         self.error: Exception | None = None
@@ -88,12 +91,18 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
+        if self.status and not self.framed and exc is None and self.error is None:
+            self.complete = True  # a close-delimited body (httptools cannot be told of EOF)
         if not self.complete and self.error is None:
             why = f": {exc}" if exc else ""
             self.error = ProtocolError(f"the upstream closed the connection mid-answer{why}")
         self._wake()
 
     # --- httptools callbacks ---
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -131,7 +140,10 @@ class Connection(asyncio.Protocol):
         while not self.complete:
             if self.error is not None:
                 raise self.error
+            self.buffered = 0  # all of it is wanted: no reason to pause reading
+            self._resume()
             await self._wait()
+        self.buffered = 0
         self._resume()
         body = b"".join(self.body)
         self.body.clear()

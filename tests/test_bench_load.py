@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -282,3 +283,19 @@ def test_direct_target_mirrors_the_proxy_rewrite() -> None:
     assert body["stream"] is True and body["max_tokens"] == 64
     with pytest.raises(RuntimeError, match="prompt mode"):
         overhead.direct_target("d", "u", "m", {"prompt": "x"}, None)
+
+
+def test_paired_ttft_against_the_responder(responder_url: str) -> None:
+    from bench import overhead
+
+    targets = (
+        load.Target("direct", responder_url, "bench"),
+        load.Target("proxy", responder_url, "bench"),
+    )
+    prompts = [f"prompt {i}" for i in range(12)]
+    opts = load.Options("chat", True, 4, ignore_eos=True)
+    res = asyncio.run(overhead.paired_ttft(targets, prompts, opts, 4, len))
+    assert res["pairs"] == 6 and res["failed_pairs"] == 0
+    # the same server on both sides: the paired differences centre near zero
+    assert abs(res["ttft_added_ms"]["p50"]) < 50
+    assert res["ttft_ms"]["direct"]["p50"] > 0 and res["ttft_ms"]["proxy"]["p50"] > 0
