@@ -544,6 +544,7 @@ async def run_bench(
 def _raw(r: Result) -> dict[str, Any]:
     return {
         "ok": r.ok,
+        "start": r.start,
         "ttft": r.ttft,
         "e2e": r.e2e,
         "tpot": r.tpot,

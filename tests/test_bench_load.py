@@ -285,7 +285,7 @@ def test_direct_target_mirrors_the_proxy_rewrite() -> None:
         overhead.direct_target("d", "u", "m", {"prompt": "x"}, None)
 
 
-def test_paired_ttft_against_the_responder(responder_url: str) -> None:
+def test_paired_streams_against_the_responder(responder_url: str) -> None:
     from bench import overhead
 
     targets = (
@@ -294,8 +294,9 @@ def test_paired_ttft_against_the_responder(responder_url: str) -> None:
     )
     prompts = [f"prompt {i}" for i in range(12)]
     opts = load.Options("chat", True, 4, ignore_eos=True)
-    res = asyncio.run(overhead.paired_ttft(targets, prompts, opts, 4, len))
+    res = asyncio.run(overhead.paired_streams(targets, prompts, opts, 4, len))
     assert res["pairs"] == 6 and res["failed_pairs"] == 0
     # the same server on both sides: the paired differences centre near zero
     assert abs(res["ttft_added_ms"]["p50"]) < 50
+    assert 0.5 < res["stream_rate_ratio"] < 2
     assert res["ttft_ms"]["direct"]["p50"] > 0 and res["ttft_ms"]["proxy"]["p50"] > 0
