@@ -80,6 +80,8 @@ def create_app(settings: Settings, config_path: Path | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        if hasattr(request.app.state, "proxy"):
+            request.app.state.proxy.metrics.on_rejected("other", exc.status_code, kind)
         return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
 
     @app.exception_handler(Exception)

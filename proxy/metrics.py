@@ -7,6 +7,8 @@
     ptst_request_latency_seconds{route}                          histogram (end to end)
     ptst_prompt_tokens_total{route}, ptst_completion_tokens_total{route}
     ptst_upstream_errors_total{route,kind}                       counter
+    ptst_rejected_requests_total{endpoint,status,code}           counter (turned away before
+                                                                 a route: key, body, model, policy)
     ptst_log_records_written_total{sink}                         counter
     ptst_log_records_dropped_total{reason,sink}                  counter
     ptst_template_reloads_total{result}                          counter
@@ -109,6 +111,13 @@ class Metrics:
             ["route", "kind"],
             registry=r,
         )
+        self.rejected = Counter(
+            "ptst_rejected_requests",
+            "Requests answered with an error before reaching an upstream (API key, body, "
+            "schema, unknown model or path, template policy), by endpoint, status and code.",
+            ["endpoint", "status", "code"],
+            registry=r,
+        )
         self.log_written = Counter(
             "ptst_log_records_written",
             "Refusal-log records written, per sink.",
@@ -159,6 +168,10 @@ class Metrics:
     def on_upstream_error(self, route: str, kind: str) -> None:
         kind = kind if kind in UPSTREAM_ERROR_KINDS else OTHER
         self.upstream_errors.labels(self._label("route", route), kind).inc()
+
+    def on_rejected(self, endpoint: str, status: int, code: str | None) -> None:
+        label = self._label
+        self.rejected.labels(label("endpoint", endpoint), str(status), label("code", code)).inc()
 
     def on_log_written(self, sink: str, n: int = 1) -> None:
         self.log_written.labels(self._label("sink", sink)).inc(n)

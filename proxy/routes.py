@@ -62,30 +62,40 @@ def public(request: Request) -> ProxyState:
 
 
 async def chat_completions(request: Request) -> Response:
-    state = authorized(request)
-    snapshot = state.snapshot  # templates and routes as of now, whatever reloads meanwhile
-    body = await read_json(request, snapshot.settings.server.max_body_bytes)
-    req = validate(ChatCompletionRequest, body)
-    route, template, mode, policy = snapshot.resolve(req.model)
-    path, upstream_body = upstream_request(body, route, template, mode, policy)
+    state: ProxyState = request.app.state.proxy
+    try:  # admission: a request turned away here never reaches an upstream or the log
+        authorized(request)
+        snapshot = state.snapshot  # templates and routes as of now, whatever reloads meanwhile
+        body = await read_json(request, snapshot.settings.server.max_body_bytes)
+        req = validate(ChatCompletionRequest, body)
+        route, template, mode, policy = snapshot.resolve(req.model)
+        path, upstream_body = upstream_request(body, route, template, mode, policy)
+    except ProxyError as exc:
+        state.metrics.on_rejected("chat/completions", exc.status_code, exc.code or exc.error_type)
+        raise
     convert = ChunkConverter() if path == "/completions" else None
     ex = Exchange(route, mode, bool(req.stream), body["messages"], state.audit.settings.log_text)
     return await forward(state, ex, path, upstream_body, req.stream_options, convert)
 
 
 async def completions(request: Request) -> Response:
-    state = authorized(request)
-    snapshot = state.snapshot
-    body = await read_json(request, snapshot.settings.server.max_body_bytes)
-    req = validate(CompletionRequest, body)
-    route, *_ = snapshot.resolve(req.model)
-    if route.enforced and not route.allow_raw_prompts:
-        raise Forbidden(
-            f"model {route.model!r} enforces the {route.template!r} template; a raw prompt would "
-            "bypass it. Use /v1/chat/completions.",
-            param="prompt",
-            code="raw_prompt_forbidden",
-        )
+    state: ProxyState = request.app.state.proxy
+    try:
+        authorized(request)
+        snapshot = state.snapshot
+        body = await read_json(request, snapshot.settings.server.max_body_bytes)
+        req = validate(CompletionRequest, body)
+        route, *_ = snapshot.resolve(req.model)
+        if route.enforced and not route.allow_raw_prompts:
+            raise Forbidden(
+                f"model {route.model!r} enforces the {route.template!r} template; a raw prompt "
+                "would bypass it. Use /v1/chat/completions.",
+                param="prompt",
+                code="raw_prompt_forbidden",
+            )
+    except ProxyError as exc:
+        state.metrics.on_rejected("completions", exc.status_code, exc.code or exc.error_type)
+        raise
     ex = Exchange(route, "raw", bool(req.stream), body["prompt"], state.audit.settings.log_text)
     upstream_body = {**body, "model": route.upstream_name}
     return await forward(state, ex, "/completions", upstream_body, req.stream_options, None)

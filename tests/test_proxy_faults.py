@@ -222,6 +222,33 @@ def test_metrics_endpoint(proxy: Proxy) -> None:
     assert 'route="fake-refuse"' in text
 
 
+def rejected(proxy: Proxy) -> dict[str, float]:
+    """ptst_rejected_requests_total samples, keyed by their label text."""
+    text = httpx.get(proxy.base_url.removesuffix("/v1") + "/metrics").text
+    prefix = "ptst_rejected_requests_total{"
+    return {
+        line[len(prefix) : line.index("}")]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def test_rejections_before_a_route_are_counted(proxy: Proxy) -> None:
+    before = rejected(proxy)
+    with pytest.raises(openai.NotFoundError):
+        proxy.client().chat.completions.create(model="no-such-model", messages=USER)
+    bad = httpx.post(proxy.base_url + "/chat/completions", content=b"{not json")
+    assert bad.status_code == 400
+    assert httpx.get(proxy.base_url + "/nope").status_code == 404
+    after = rejected(proxy)
+    for labels in (
+        'code="model_not_found",endpoint="chat/completions",status="404"',
+        'code="invalid_json",endpoint="chat/completions",status="400"',
+        'code="not_found_error",endpoint="other",status="404"',
+    ):
+        assert after.get(labels, 0) == before.get(labels, 0) + 1, labels
+
+
 def test_api_keys(start_proxy: Callable[..., Proxy], responder_url: str) -> None:
     proxy = start_proxy(responder_routes(responder_url)[:1], api_keys=["sekret"])
     with pytest.raises(openai.AuthenticationError):
