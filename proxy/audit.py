@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import operator
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, get_type_hints
@@ -95,7 +96,13 @@ class SinkError(Exception):
 
 
 class JsonlSink:
-    """Appends one JSON object per line; rotates `x.jsonl` -> `x.jsonl.1` ... `.{keep}` by size."""
+    """Appends one JSON object per line; rotates `x.jsonl` -> `x.jsonl.1` ... `.{keep}` by size.
+
+    Safe with several worker processes on one file (`ptst serve --workers N`): a batch is
+    written under an exclusive lock on `x.jsonl.lock`, which first takes the file's size (and
+    a rotation by another worker) from the disk, in whole lines with unbuffered appends; so
+    lines never interleave, and two workers crossing the limit together rotate once.
+    """
 
     name = "jsonl"
 
@@ -105,14 +112,26 @@ class JsonlSink:
         self.rotate_keep = rotate_keep
         self._file: IO[bytes] | None = None
         self._size = 0
+        self._lock: IO[bytes] | None = None
 
     def open(self) -> None:
         self._open()
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self._lock is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.path.with_name(self.path.name + ".lock"), "ab")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+
     def _open(self) -> IO[bytes]:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            file = open(self.path, "ab")  # kept open across batches
+            file = open(self.path, "ab", buffering=0)  # kept open across batches
             self._size = file.tell()
             if self._size and not _ends_with_newline(self.path):
                 file.write(b"\n")  # a line cut short by an earlier failure stays on its own
@@ -128,40 +147,41 @@ class JsonlSink:
         try:
             on_disk = os.stat(self.path)
         except FileNotFoundError:
-            self.close()
+            self._close_file()
             return
         if on_disk.st_ino != os.fstat(self._file.fileno()).st_ino:
-            self.close()
+            self._close_file()
         else:
             self._size = on_disk.st_size
 
     def _rotate(self) -> None:
-        self.close()
+        self._close_file()
         for i in range(self.rotate_keep - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{i}")
             if older.exists():
                 os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
-        if self.path.exists():  # another process may have rotated it a moment ago
-            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
 
     def write(self, batch: Sequence[LogRecord]) -> None:
-        done = 0  # records known to be in the OS (flushed)
-        pending = 0
+        lines = [jsonfast.dumps(record.to_dict()) + b"\n" for record in batch]
+        done = 0  # records known to be in the OS
         try:
-            self._follow_external_changes()
-            file = self._open()
-            for record in batch:
-                line = jsonfast.dumps(record.to_dict()) + b"\n"
-                if self._size and self._size + len(line) > self.rotate_bytes:
-                    file.flush()
-                    done += pending
-                    pending = 0
-                    self._rotate()
-                    file = self._open()
-                file.write(line)
-                self._size += len(line)
-                pending += 1
-            file.flush()
+            with self._locked():
+                self._follow_external_changes()
+                while done < len(lines):
+                    file = self._open()  # also the size, if another worker rotated the file
+                    if self._size and self._size + len(lines[done]) > self.rotate_bytes:
+                        self._rotate()
+                        file = self._open()
+                    # the lines that fit before the rotation size, at least one
+                    room, end = self.rotate_bytes - self._size - len(lines[done]), done + 1
+                    while end < len(lines) and len(lines[end]) <= room:
+                        room -= len(lines[end])
+                        end += 1
+                    chunk = b"".join(lines[done:end])
+                    _write_all(file, chunk)
+                    self._size += len(chunk)
+                    done = end
         except Exception as exc:
             self._abandon()
             raise SinkError(len(batch) - done, exc) from exc
@@ -174,6 +194,14 @@ class JsonlSink:
                 file.close()
 
     def close(self) -> None:
+        lock, self._lock = self._lock, None
+        try:
+            self._close_file()
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _close_file(self) -> None:
         file, self._file = self._file, None
         if file is not None:
             try:
@@ -459,6 +487,16 @@ class AuditLog:
                 sink.close()
             except Exception:
                 logger.exception("refusal log: closing sink %s failed", sink.name)
+
+
+def _write_all(file: IO[bytes], data: bytes) -> None:
+    """One write() for the whole chunk when the OS takes it (it does for regular files)."""
+    view = memoryview(data)
+    while view:
+        n = file.write(view)
+        if not n:
+            raise OSError(f"short write to {file.name}")
+        view = view[n:]
 
 
 def _ends_with_newline(path: Path) -> bool:
