@@ -379,10 +379,12 @@ def test_sigterm_during_load_loses_no_record_of_a_delivered_response(
     proxy = start_proxy(routes, log={"queue_size": 100_000})
     delivered: list[str] = []  # request ids of answers the client got in full
     spanning = 0  # answers that started before the SIGTERM and were delivered after it
+    streaming = 0  # slow streams whose answer has started and not ended
+    ready = asyncio.Event()  # set when both are true: 16 delivered, one streaming
     sigterm_at: float | None = None
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        nonlocal spanning
+        nonlocal spanning, streaming
         stream = i % 2 == 0
         body = {
             "model": "slow" if stream else "fast",
@@ -391,7 +393,13 @@ def test_sigterm_during_load_loses_no_record_of_a_delivered_response(
         }
         began = time.monotonic()
         async with client.stream("POST", "/chat/completions", json=body) as resp:
-            text = (await resp.aread()).decode()
+            streaming += stream
+            if len(delivered) >= 16 and streaming:
+                ready.set()
+            try:
+                text = (await resp.aread()).decode()
+            finally:
+                streaming -= stream
         complete = "data: [DONE]" in text if stream else '"choices"' in text
         if resp.status_code == 200 and complete:
             delivered.append(resp.headers["x-request-id"])
@@ -412,7 +420,9 @@ def test_sigterm_during_load_loses_no_record_of_a_delivered_response(
         timeout = httpx.Timeout(30.0)
         async with httpx.AsyncClient(base_url=proxy.base_url, timeout=timeout) as client:
             workers = [asyncio.create_task(worker(client, w)) for w in range(16)]
-            await asyncio.sleep(1.5)
+            # SIGTERM once answers have been delivered and streams are mid-answer, however
+            # slow the machine is today
+            await asyncio.wait_for(ready.wait(), 30)
             sigterm_at = time.monotonic()
             proxy.server.signal(signal.SIGTERM)
             await asyncio.wait_for(asyncio.gather(*workers), 40)
