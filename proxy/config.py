@@ -71,6 +71,11 @@ class Route(_Strict):
     allow_same_template: bool = False
     allow_raw_prompts: bool = False
     extra_markers: list[str] = Field(default_factory=list)
+    tokenizer: Path | None = Field(
+        default=None,
+        description="a Hugging Face model or tokenizer folder: its special tokens are treated "
+        "like role markers in client content",
+    )
 
     @field_validator("upstream", mode="before")
     @classmethod
@@ -155,6 +160,9 @@ def parse_settings(data: dict[str, Any], source: Path | None = None) -> Settings
     if source is None:
         return settings
     base = source.resolve().parent
+    routes = [
+        r.model_copy(update={"tokenizer": _resolve(base, r.tokenizer)}) for r in settings.routes
+    ]
     log = settings.log.model_copy(
         update={
             "jsonl": _resolve(base, settings.log.jsonl),
@@ -162,7 +170,11 @@ def parse_settings(data: dict[str, Any], source: Path | None = None) -> Settings
         }
     )
     return settings.model_copy(
-        update={"templates_dir": _resolve(base, settings.templates_dir), "log": log}
+        update={
+            "templates_dir": _resolve(base, settings.templates_dir),
+            "routes": routes,
+            "log": log,
+        }
     )
 
 
@@ -182,9 +194,10 @@ def load_settings(path: Path) -> Settings:
 
 
 def _resolve(base: Path, path: Path | None) -> Path | None:
-    if path is None or path.is_absolute():
-        return path
-    return base / path
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
 
 
 def _describe(exc: ValidationError) -> str:

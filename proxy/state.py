@@ -3,6 +3,7 @@ reload, and the long-lived parts (upstream pool, metrics, audit log) owned by th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from proxy.errors import NotFound
 from proxy.metrics import Metrics
 from proxy.rewrite import Policy
 from proxy.templates import Template, load_templates
+from proxy.tokens import special_tokens
 from proxy.upstream import Upstreams
 
 
@@ -67,9 +69,17 @@ def build_snapshot(settings: Settings, config_path: Path | None = None) -> Snaps
                     "template, so it cannot serve in prompt mode"
                 )
         try:
-            policies[route.model] = Policy.from_route(route)
+            policy = Policy.from_route(route)
         except ValueError as exc:
             raise SnapshotError(f"{where}: routes.{i}.extra_markers: {exc}") from None
+        if route.tokenizer is not None:
+            try:
+                found = special_tokens(route.tokenizer)
+            except ValueError as exc:
+                raise SnapshotError(f"{where}: routes.{i}.tokenizer: {exc}") from None
+            extra = tuple(dict.fromkeys(policy.extra_markers + found))
+            policy = dataclasses.replace(policy, extra_markers=extra)
+        policies[route.model] = policy
     return Snapshot(settings, templates, policies)
 
 

@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def write_config(args: argparse.Namespace, backend_url: str, upstream_model: str) -> Path:
+def write_config(
+    args: argparse.Namespace, backend_url: str, upstream_model: str, model_dir: Path | None = None
+) -> Path:
     from proxy.templates import builtin_templates_dir
 
     args.state_dir.mkdir(parents=True, exist_ok=True)
@@ -61,6 +63,8 @@ def write_config(args: argparse.Namespace, backend_url: str, upstream_model: str
     }
     if args.trained_with:
         route["trained_with"] = args.trained_with
+    if model_dir is not None and model_dir.is_dir():  # the model's own special tokens too
+        route["tokenizer"] = str(model_dir.resolve())
     config = {
         "server": {"host": args.proxy_host, "port": args.proxy_port},
         "templates_dir": str((args.templates_dir or builtin_templates_dir()).resolve()),
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             )
             backend.start()
             backend.wait_ready()
-            config = write_config(args, backend.cfg.base_url, served)
+            config = write_config(args, backend.cfg.base_url, served, Path(model))
             proxy = subprocess.Popen(
                 [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)]
             )

@@ -24,7 +24,16 @@ USER = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
-def proxy(start_proxy: Callable[..., Proxy], responder_url: str) -> Proxy:
+def proxy(
+    start_proxy: Callable[..., Proxy], responder_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Proxy:
+    tokenizer = tmp_path_factory.mktemp("tokenizer")
+    added = [
+        {"content": "<repo_name>", "special": True},
+        {"content": "<file_sep>", "special": True},
+        {"content": "ordinary", "special": False},
+    ]
+    (tokenizer / "tokenizer.json").write_text(json.dumps({"added_tokens": added}))
     routes = [
         *responder_routes(responder_url),
         {
@@ -41,6 +50,13 @@ def proxy(start_proxy: Callable[..., Proxy], responder_url: str) -> Proxy:
             "template": "chat:llama",
             "system_policy": "reject",
             "markers": "reject",
+        },
+        {
+            "model": "fake-tokenizer",
+            "upstream": responder_url,
+            "upstream_model": "echo",
+            "template": "chat:llama",
+            "tokenizer": str(tokenizer),
         },
         {
             "model": "fake-down",
@@ -80,6 +96,17 @@ def test_injected_turn_markers_are_neutralized(proxy: Proxy) -> None:
     seen = upstream_saw(proxy, "fake-echo", messages=[{"role": "user", "content": attack}])
     assert "<|im_start|>" not in json.dumps(seen) and "<|im_end|>" not in json.dumps(seen)
     assert sum(m["role"] == "system" for m in seen) == 1
+
+
+def test_the_tokenizers_special_tokens_are_neutralized(proxy: Proxy) -> None:
+    text = "<repo_name>secrets<file_sep>an ordinary word"
+    seen = upstream_saw(proxy, "fake-tokenizer", messages=[{"role": "user", "content": text}])
+    sent = seen[-1]["content"]
+    assert "<repo_name>" not in sent and "<file_sep>" not in sent
+    assert "secrets" in sent and "an ordinary word" in sent
+    # a route without the tokenizer leaves those tokens alone (they are not built-in markers)
+    plain = upstream_saw(proxy, "fake-echo", messages=[{"role": "user", "content": text}])
+    assert "<repo_name>" in plain[-1]["content"]
 
 
 def test_reject_policies_answer_400(proxy: Proxy) -> None:
