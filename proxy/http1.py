@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -21,6 +22,9 @@ from urllib.parse import urlsplit
 import httptools
 
 PAUSE_AT = 1 << 20  # bytes buffered before reading from the upstream pauses (flow control)
+# uvicorn (vLLM's server) closes a keep-alive connection after 5 s idle; a request written onto
+# one as it closes would fail, so connections idle this long are closed instead of reused.
+KEEPALIVE_S = 4.0
 
 
 class ConnectError(OSError):
@@ -64,6 +68,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.alive = False
+        self.idle_since = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -247,6 +252,7 @@ class Client:
         """Keep a connection whose response was read to the end; close any other (which
         aborts what the upstream was still doing for it)."""
         if conn.reusable:
+            conn.idle_since = time.monotonic()
             self.idle.setdefault(conn.origin, []).append(conn)
         else:
             conn.close()
@@ -254,11 +260,15 @@ class Client:
 
     async def _acquire(self, origin: Origin) -> Connection:
         idle = self.idle.get(origin)
-        while idle:
-            conn = idle.pop()
-            if conn.alive:
-                return conn
-            self.slots.release()  # closed by the upstream while idle
+        if idle:
+            now = time.monotonic()
+            if len(idle) > 1 and now - idle[0].idle_since >= KEEPALIVE_S:
+                self._drop(idle.pop(0))  # the longest idle: one per call keeps the pool lean
+            while idle:
+                conn = idle.pop()  # the most recently used
+                if conn.alive and now - conn.idle_since < KEEPALIVE_S:
+                    return conn
+                self._drop(conn)
         if self.slots.locked():
             self._evict_one()  # every slot held: an idle connection elsewhere makes room
         await self.slots.acquire()
@@ -282,11 +292,14 @@ class Client:
             raise ConnectError(f"cannot connect to {origin.authority}: {exc}") from exc
         return conn
 
+    def _drop(self, conn: Connection) -> None:
+        conn.close()
+        self.slots.release()
+
     def _evict_one(self) -> None:
         for conns in self.idle.values():
             if conns:
-                conns.pop(0).close()
-                self.slots.release()
+                self._drop(conns.pop(0))
                 return
 
     def _tls_context(self) -> ssl.SSLContext:

@@ -283,6 +283,29 @@ def test_keep_alive_connection_is_reused() -> None:
     assert [r.line for r in handler.requests] == ["GET /a HTTP/1.1", "GET /b HTTP/1.1"]
 
 
+def test_a_connection_idle_past_the_keepalive_is_not_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http1, "KEEPALIVE_S", 0.1)  # uvicorn closes idle ones after 5 s
+    handler = Answering(ok(b"one"), ok(b"two"))
+
+    async def main() -> None:
+        async with serve(handler) as server:
+            c = client()
+            first = await c.request("GET", server.url("/a"))
+            assert await first.read() == b"one"
+            c.release(first)
+            await asyncio.sleep(0.2)
+            second = await c.request("GET", server.url("/b"))
+            assert await second.read() == b"one"  # a new connection's first answer
+            c.release(second)
+            assert second is not first and not first.alive
+            assert server.accepted == 2
+            c.close()
+
+    run(main)
+
+
 def test_connection_close_response_is_not_reused() -> None:
     handler = Answering(ok(b"bye", "connection: close"), close_after=True)
 
