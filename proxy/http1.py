@@ -69,10 +69,12 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.alive = False
         self.idle_since = 0.0
+        self.requests = 0  # sent on this connection so far
         self._reset()
 
     def _reset(self) -> None:
         self.status = 0
+        self.received = False  # any byte of the response
         self.framed = False  # Content-Length or chunked; else the body ends when the socket does
         self.complete = False
         self.keep_alive = False
@@ -89,6 +91,7 @@ class Connection(asyncio.Protocol):
         self.alive = True
 
     def data_received(self, data: bytes) -> None:
+        self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -131,6 +134,7 @@ class Connection(asyncio.Protocol):
     def send(self, request: bytes) -> None:
         assert self.transport is not None
         self._reset()
+        self.requests += 1
         self.transport.write(request)
 
     async def wait_status(self) -> int:
@@ -239,6 +243,18 @@ class Client:
             lines.append(f"content-length: {len(body)}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         conn = await self._acquire(origin)
+        try:
+            return await self._exchange(conn, request, read_timeout)
+        except ProtocolError:
+            # A kept-alive connection the upstream closed as the request went out got no answer
+            # at all: the request was not served. Once more, on a new connection.
+            if conn.requests == 1 or conn.received:
+                raise
+        return await self._exchange(await self._new(origin), request, read_timeout)
+
+    async def _exchange(
+        self, conn: Connection, request: bytes, read_timeout: float | None
+    ) -> Connection:
         conn.read_timeout = read_timeout or self.read_timeout
         try:
             conn.send(request)
@@ -269,6 +285,9 @@ class Client:
                 if conn.alive and now - conn.idle_since < KEEPALIVE_S:
                     return conn
                 self._drop(conn)
+        return await self._new(origin)
+
+    async def _new(self, origin: Origin) -> Connection:
         if self.slots.locked():
             self._evict_one()  # every slot held: an idle connection elsewhere makes room
         await self.slots.acquire()

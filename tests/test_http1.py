@@ -306,6 +306,95 @@ def test_a_connection_idle_past_the_keepalive_is_not_reused(
     run(main)
 
 
+class ClosesItsSecondRequest:
+    """The first connection answers one request and hangs up on the next without a byte (an
+    idle keep-alive connection closed by the server as the client reused it); later
+    connections answer everything."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests: list[Request] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        served = 0
+        while (request := await read_request(reader)) is not None:
+            self.requests.append(request)
+            if first and served == 1:
+                return  # closed with no answer
+            writer.write(ok(f"answer {len(self.requests)}".encode()))
+            await writer.drain()
+            served += 1
+
+
+def test_a_reused_connection_closed_before_answering_is_retried_once() -> None:
+    handler = ClosesItsSecondRequest()
+
+    async def main() -> None:
+        async with serve(handler) as server:
+            c = client()
+            first = await c.request("POST", server.url("/a"), b"x")
+            assert await first.read() == b"answer 1"
+            c.release(first)
+            second = await c.request("POST", server.url("/b"), b"y")
+            assert await second.read() == b"answer 3"  # sent twice, answered on a new one
+            c.release(second)
+            assert server.accepted == 2 and second is not first
+            c.close()
+
+    run(main)
+    assert [r.line for r in handler.requests] == ["POST /a HTTP/1.1", *["POST /b HTTP/1.1"] * 2]
+
+
+def test_a_reused_connection_cut_mid_answer_is_not_retried() -> None:
+    requests: list[Request] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await read_request(reader)) is not None:
+            requests.append(request)
+            if len(requests) == 2:
+                writer.write(b"HTTP/1.1 2")  # the answer had begun: the request was seen
+                await writer.drain()
+                return
+            writer.write(ok(b"first"))
+            await writer.drain()
+
+    async def main() -> None:
+        async with serve(handler) as server:
+            c = client()
+            first = await c.request("POST", server.url("/a"), b"x")
+            assert await first.read() == b"first"
+            c.release(first)
+            with pytest.raises(http1.ProtocolError):
+                await c.request("POST", server.url("/b"), b"y")
+            assert server.accepted == 1
+            c.close()
+
+    run(main)
+    assert len(requests) == 2
+
+
+def test_a_new_connection_closed_before_answering_is_not_retried() -> None:
+    requests: list[Request] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)  # then hang up without a byte
+        assert request is not None
+        requests.append(request)
+
+    async def main() -> None:
+        async with serve(handler) as server:
+            c = client()
+            with pytest.raises(http1.ProtocolError, match="closed the connection"):
+                await c.request("POST", server.url("/a"), b"x")
+            assert server.accepted == 1
+            c.close()
+
+    run(main)
+    assert len(requests) == 1
+
+
 def test_connection_close_response_is_not_reused() -> None:
     handler = Answering(ok(b"bye", "connection: close"), close_after=True)
 
