@@ -246,8 +246,9 @@ class Client:
         try:
             return await self._exchange(conn, request, read_timeout)
         except ProtocolError:
-            # A kept-alive connection the upstream closed as the request went out got no answer
-            # at all: the request was not served. Once more, on a new connection.
+            # A kept-alive connection the upstream closed as the request went out, with no byte
+            # of an answer: how an idle-connection close shows, so the request was most likely
+            # not served. Once more, on a new connection.
             if conn.requests == 1 or conn.received:
                 raise
         return await self._exchange(await self._new(origin), request, read_timeout)
