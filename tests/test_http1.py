@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from proxy import http1
 from tests.servers import free_port
@@ -32,11 +35,12 @@ class Server:
     host: str = "127.0.0.1"
     port: int = 0
     accepted: int = 0
+    scheme: str = "http"
     errors: list[BaseException] = field(default_factory=list)
 
     def url(self, path: str = "/") -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
 
 async def read_request(reader: asyncio.StreamReader) -> Request | None:
@@ -56,11 +60,13 @@ async def read_request(reader: asyncio.StreamReader) -> Request | None:
 
 
 @contextlib.asynccontextmanager
-async def serve(handler: Handler, host: str = "127.0.0.1") -> AsyncIterator[Server]:
+async def serve(
+    handler: Handler, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None
+) -> AsyncIterator[Server]:
     """A loopback server on a free port; each connection runs `handler` and is closed after.
     On exit every connection is closed and every handler finished; a handler's exception (a
     failed assert on what the client sent) fails the test."""
-    info = Server(host)
+    info = Server(host, scheme="https" if tls else "http")
     writers: list[asyncio.StreamWriter] = []
     tasks: list[asyncio.Task[Any]] = []
 
@@ -79,7 +85,7 @@ async def serve(handler: Handler, host: str = "127.0.0.1") -> AsyncIterator[Serv
         finally:
             writer.close()
 
-    server = await asyncio.start_server(on_connect, host, 0)
+    server = await asyncio.start_server(on_connect, host, 0, ssl=tls)
     info.port = server.sockets[0].getsockname()[1]
     try:
         yield info
@@ -393,6 +399,33 @@ def test_a_new_connection_closed_before_answering_is_not_retried() -> None:
 
     run(main)
     assert len(requests) == 1
+
+
+def test_https_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An https:// upstream is verified against the system's CAs (SSL_CERT_FILE here)."""
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    handler = Answering(ok(b"secure"))
+
+    async def main(trusted: bool) -> None:
+        async with serve(handler, tls=server_tls) as server:
+            c = client()
+            if trusted:
+                conn = await c.request("GET", server.url("/x"))
+                assert await conn.read() == b"secure"
+                c.release(conn)
+            else:
+                with pytest.raises(http1.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await c.request("GET", server.url("/x"))
+            c.close()
+
+    run(lambda: main(trusted=False))  # a self-signed upstream is refused
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    run(lambda: main(trusted=True))
+    assert handler.requests[-1].headers["host"].startswith("127.0.0.1:")
 
 
 def test_connection_close_response_is_not_reused() -> None:
