@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ptst-installed
 EXTRAS ?= cpu,demo,dev
 
-.PHONY: install demo test lint unit e2e model clean
+.PHONY: install demo test lint model clean
 
 install: $(STAMP)
 
