@@ -102,8 +102,9 @@ class Connection(asyncio.Protocol):
         if self.status and not self.framed and exc is None and self.error is None:
             self.complete = True  # a close-delimited body (httptools cannot be told of EOF)
         if not self.complete and self.error is None:
+            when = "mid-answer" if self.received else "before answering"
             why = f": {exc}" if exc else ""
-            self.error = ProtocolError(f"the upstream closed the connection mid-answer{why}")
+            self.error = ProtocolError(f"the upstream closed the connection {when}{why}")
         self._wake()
 
     # --- httptools callbacks ---
