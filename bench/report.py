@@ -11,13 +11,19 @@ attached to a ticket. Plots use matplotlib's Agg backend (no display needed).
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
+import os
+import platform
 import re
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,7 @@ __all__ = [
     "plot_cdf",
     "plot_lines",
     "run_dir",
+    "run_info",
     "slugify",
     "to_jsonable",
     "write_report",
@@ -73,15 +80,58 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
+def run_info(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The exact command and the machine it ran on, for every report: absolute figures on a
+    shared machine mean little without them (the load average says how busy it was)."""
+    args = list(sys.argv if argv is None else argv)
+    command = shlex.join(["ptst", *args[1:]] if args and Path(args[0]).name == "ptst" else args)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        version = metadata.version("ptst-proxy")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "command": command,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "ptst_proxy": version,
+        "load_average": [round(x, 2) for x in load] if load else None,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _run_section(info: Mapping[str, Any]) -> str:
+    load = info.get("load_average")
+    rows = [
+        f"- command: `{info['command']}`",
+        f"- machine: {info['cpu']}, {info['cores']} cores, {info['platform']}, "
+        f"Python {info['python']}, ptst-proxy {info['ptst_proxy']}",
+    ]
+    if load:
+        rows.append(f"- load average at the end (1, 5, 15 min): {load[0]}, {load[1]}, {load[2]}")
+    rows.append(f"- finished: {info['finished']}")
+    return "\n## Run\n\n" + "\n".join(rows) + "\n"
+
+
 def write_report(
     run_dir: Path, title: str, data: dict[str, Any], markdown: str, images: list[Path]
 ) -> Path:
     """Write results.json, report.md and report.html into run_dir; return report.html's path.
 
     Images outside run_dir are copied in; any image the markdown does not already reference
-    is appended under a "Figures" heading.
+    is appended under a "Figures" heading. A "Run" section (command, machine, load) closes
+    the report, and `data` gets the same under "run" unless it has one.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    data = {**data, "run": data.get("run") or run_info()}
     local: list[Path] = []
     for image in images:
         target = run_dir / image.name
@@ -94,6 +144,7 @@ def write_report(
         body = f"# {title}\n\n{body}"
     if missing:
         body += "\n## Figures\n\n" + "\n\n".join(f"![{p.stem}]({p.name})" for p in missing) + "\n"
+    body += _run_section(data["run"])
 
     (run_dir / "results.json").write_text(
         json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8"

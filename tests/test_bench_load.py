@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +116,23 @@ def test_run_dir_and_report_files(tmp_path: Path) -> None:
     png = report.plot_cdf(folder / "cdf.png", {"a": [0.1, 0.2, 0.3]}, "TTFT (s)")
     md = "## Numbers\n\n" + report.markdown_table(["x", "y"], [["a|b", 1.23456], ["c", None]])
     html_path = report.write_report(folder, "T", {"v": float("nan"), "p": Path("/x")}, md, [png])
-    assert json.loads((folder / "results.json").read_text()) == {"v": None, "p": "/x"}
+    saved = json.loads((folder / "results.json").read_text())
+    run = saved.pop("run")
+    assert saved == {"v": None, "p": "/x"}
+    assert run["cores"] == os.cpu_count() and run["command"] and run["cpu"]
     text = (folder / "report.md").read_text()
     assert text.startswith("# T") and "![cdf](cdf.png)" in text
+    assert "## Run" in text and f"- command: `{run['command']}`" in text
     page = html_path.read_text()
     assert "<h2>Numbers</h2>" in page and "<td>a|b</td>" in page and "<td>1.235</td>" in page
     assert 'src="data:image/png;base64,iVBOR' in page
     assert "cdf.png" not in page.replace('alt="cdf"', "")  # no external image reference
+
+
+def test_run_info_names_the_command_as_typed() -> None:
+    info = report.run_info(["/x/.venv/bin/ptst", "bench", "load", "--model", "a b"])
+    assert info["command"] == "ptst bench load --model 'a b'"
+    assert report.run_info(["-m", "x"])["command"] == "-m x"
 
 
 def test_markdown_to_html_blocks() -> None:
