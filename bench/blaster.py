@@ -199,7 +199,9 @@ async def _open(
     rng: random.Random,
 ) -> None:
     loop = asyncio.get_running_loop()
-    idle = list(conns)
+    # first in, first out: every connection stays in use, so none sits idle long enough for
+    # the server to close it (uvicorn: 5 s) just as a request goes out on it
+    idle = collections.deque(conns)
     backlog: collections.deque[float] = collections.deque()  # scheduled times waiting
     in_flight = 0
     drained = loop.create_future()
@@ -224,11 +226,11 @@ async def _open(
         delay = at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        while idle and not idle[-1].alive:
-            idle.pop()
+        while idle and not idle[0].alive:
+            idle.popleft()
         if idle:
             in_flight += 1
-            idle.pop().send(at, tally, free)
+            idle.popleft().send(at, tally, free)
         else:
             backlog.append(at)
     arriving = False
