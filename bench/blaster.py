@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import httpx
 
-from bench import stats
+from ptst.bench import stats
 
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)")
 

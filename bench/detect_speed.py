@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy.refusal import BASELINES, HEAD_CHARS, RefusalDetector, detect
+from ptst.bench.baselines import BASELINES
+from ptst.proxy.refusal import HEAD_CHARS, RefusalDetector, detect
 
 OPENINGS_REFUSAL = (
     "I'm sorry, but I can't help with that request.",

@@ -37,10 +37,10 @@ from typing import Any
 import httpx
 import uvloop
 
-from bench import load, report, stats
-from bench.blaster import Blaster, Side, http_request, interleave
-from bench.procs import proxy, responder
-from proxy.backend import terminate_on_signals
+from ptst.bench import load, plots, report, stats
+from ptst.bench.blaster import Blaster, Side, http_request, interleave
+from ptst.bench.procs import proxy, responder
+from ptst.engine.process import terminate_on_signals
 
 FAST_TARGETS = {"requests_per_s": 1500.0, "added_p50_ms": 2.0}
 VLLM_TARGETS = {"throughput_ratio": 0.97, "ttft_p50_added_ms": 10.0}
@@ -460,9 +460,9 @@ def fast_plots(folder: Path, result: dict[str, Any]) -> list[Path]:
     p50 = {s: [result[p][s]["latency_ms"]["p50"] for p in parts] for s in sides}
     latencies = result["at_rate" if "at_rate" in result else "loaded"]["latencies"]
     return [
-        report.plot_bars(folder / "throughput.png", groups, rps, "requests/s"),
-        report.plot_bars(folder / "latency_p50.png", groups, p50, "p50 latency (ms)"),
-        report.plot_cdf(folder / "latency_cdf.png", latencies, "latency (s)"),
+        plots.plot_bars(folder / "throughput.png", groups, rps, "requests/s"),
+        plots.plot_bars(folder / "latency_p50.png", groups, p50, "p50 latency (ms)"),
+        plots.plot_cdf(folder / "latency_cdf.png", latencies, "latency (s)"),
     ]
 
 

@@ -1,11 +1,11 @@
 """Results folders for every bench: `results.json`, `report.md`, one self-contained `report.html`.
 
     folder = run_dir(Path("results"), "load", "http://127.0.0.1:8080/v1")
-    png = plot_cdf(folder / "ttft_cdf.png", {"direct": ttfts, "proxy": ttfts2}, "TTFT (s)")
+    png = plots.plot_cdf(folder / "ttft_cdf.png", {"direct": ttfts, "proxy": ttfts2}, "TTFT (s)")
     write_report(folder, "Load bench", data, markdown, [png])
 
 The HTML page inlines its images as base64 PNG and needs nothing else: it can be mailed or
-attached to a ticket. Plots use matplotlib's Agg backend (no display needed).
+attached to a ticket. Plots are drawn by `ptst.bench.plots`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ from typing import Any
 __all__ = [
     "markdown_table",
     "markdown_to_html",
-    "plot_bars",
-    "plot_cdf",
-    "plot_lines",
     "run_dir",
     "run_info",
     "slugify",
@@ -281,102 +278,3 @@ def markdown_to_html(markdown: str, images: Mapping[str, str] | None = None) -> 
 def _starts_block(lines: list[str], i: int) -> bool:
     s = lines[i].strip()
     return s.startswith(("```", "|")) or bool(re.match(r"(#{1,6}|[-*])\s", s))
-
-
-# --- plots -----------------------------------------------------------------------------------
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_cdf(
-    path: Path, series: Mapping[str, Sequence[float]], xlabel: str, title: str = ""
-) -> Path:
-    """Empirical CDF of each series (e.g. TTFT per target) on one axis; returns path."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for name, values in series.items():
-        xs = sorted(v for v in values if math.isfinite(v))
-        if xs:
-            ys = [(k + 1) / len(xs) for k in range(len(xs))]
-            ax.step(xs, ys, where="post", label=f"{name} (n={len(xs)})")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("fraction of requests")
-    ax.set_ylim(0, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.set_title(title or f"CDF of {xlabel}")
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
-
-
-def plot_lines(
-    path: Path,
-    x: Sequence[float],
-    series: Mapping[str, Sequence[float | None]],
-    xlabel: str,
-    ylabel: str,
-    title: str = "",
-) -> Path:
-    """One line per series over x (e.g. throughput vs concurrency); None points are skipped."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for name, ys in series.items():
-        pts = [(a, b) for a, b in zip(x, ys, strict=True) if b is not None and math.isfinite(b)]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.set_title(title or f"{ylabel} vs {xlabel}")
-    if len(x) > 1 and min(x) > 0 and max(x) / min(x) >= 8:
-        ax.set_xscale("log", base=2)
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
-
-
-def plot_bars(
-    path: Path,
-    groups: Sequence[str],
-    series: Mapping[str, Sequence[float | None]],
-    ylabel: str,
-    title: str = "",
-    reference: float | None = None,
-) -> Path:
-    """Grouped bars: one group per metric/level, one bar per series (e.g. direct vs proxy).
-
-    `reference` draws a dashed horizontal line (e.g. 1.0 for ratios).
-    """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    n = max(len(series), 1)
-    width = 0.8 / n
-    for k, (name, values) in enumerate(series.items()):
-        xs = [g + (k - (n - 1) / 2) * width for g in range(len(groups))]
-        ys = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
-        ax.bar(xs, ys, width=width, label=name)
-    if reference is not None:
-        ax.axhline(reference, color="black", linestyle="--", linewidth=1)
-    ax.set_xticks(list(range(len(groups))), list(groups))
-    ax.set_ylabel(ylabel)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.set_title(title or ylabel)
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path

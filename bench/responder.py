@@ -1,6 +1,6 @@
 """A minimal, fast OpenAI-compatible upstream for measuring the proxy's own cost and for faults.
 
-    python -m bench.responder --host 127.0.0.1 --port 0 [--tokens 16] [--token-interval-ms 50]
+    python -m ptst.bench.responder --host 127.0.0.1 --port 0 [--tokens 16] [--token-interval-ms 50]
 
 prints `READY http://127.0.0.1:<port>/v1` once listening. The request's `model` picks the
 behaviour, so one responder serves every test case:
@@ -35,7 +35,7 @@ from typing import Any
 
 import uvicorn
 
-from proxy.errors import error_body
+from ptst.proxy.errors import error_body
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -442,6 +442,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m bench.responder", description=__doc__)
+    _parser = argparse.ArgumentParser(prog="python -m ptst.bench.responder", description=__doc__)
     add_arguments(_parser)
     raise SystemExit(run(_parser.parse_args()))

@@ -1,3 +1,5 @@
-"""ptst-proxy: an OpenAI-compatible proxy in front of vLLM that enforces safe-testing templates."""
+"""The request path: an OpenAI-compatible FastAPI app that enforces a safe-testing template on
+every request, relays the upstream's answer, detects refusals and records them.
 
-__version__ = "0.1.0"
+`create_app(settings)` in `ptst.proxy.app` builds it; `ptst serve` runs it.
+"""

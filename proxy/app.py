@@ -14,14 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from proxy.audit import AuditLog
-from proxy.config import Settings
-from proxy.errors import ProxyError, error_body
-from proxy.metrics import Metrics
-from proxy.reload import Reloader
-from proxy.routes import authorized, router
-from proxy.state import ProxyState, build_snapshot
-from proxy.upstream import Upstreams
+from ptst.proxy.audit import AuditLog
+from ptst.proxy.config import Settings
+from ptst.proxy.errors import ProxyError, error_body
+from ptst.proxy.metrics import Metrics
+from ptst.proxy.reload import Reloader
+from ptst.proxy.routes import authorized, router
+from ptst.proxy.state import ProxyState, build_snapshot
+from ptst.proxy.upstream import Upstreams
 
 log = logging.getLogger("ptst")
 

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import fcntl
 import logging
-import operator
 import os
 import sqlite3
 import time
@@ -27,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, get_type_hints
 
-from proxy import jsonfast
-from proxy.config import LogSettings
+from ptst.proxy import jsonfast
+from ptst.proxy.config import LogSettings
+from ptst.proxy.record import FIELDS, LogRecord, record_row
 
 if TYPE_CHECKING:
-    from proxy.metrics import Metrics
+    from ptst.proxy.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -40,38 +40,6 @@ MAX_BATCH = 512
 # hop and one transaction serve many records instead of one each.
 BATCH_WINDOW_S = 0.05
 DROP_WARNING_INTERVAL_S = 10.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LogRecord:
-    """What the proxy remembers about one request."""
-
-    request_id: str
-    time: float  # epoch seconds at request start
-    route: str
-    upstream_model: str
-    template: str | None
-    mode: str
-    stream: bool
-    status: int
-    refusal: bool | None
-    rule: str | None
-    score: float | None
-    latency_s: float
-    ttft_s: float | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    prompt_sha256: str
-    error: str | None = None
-    prompt_text: str | None = None
-    completion_text: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(zip(FIELDS, _row(self), strict=True))
-
-
-FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LogRecord))
-_row = operator.attrgetter(*FIELDS)  # a record as a tuple of its fields, in column order
 
 
 class Sink(Protocol):
@@ -264,7 +232,7 @@ class SqliteSink:
     def write(self, batch: Sequence[LogRecord]) -> None:
         try:
             conn = self._open()
-            rows = [_row(record) for record in batch]
+            rows = [record_row(record) for record in batch]
             conn.execute("BEGIN")
             try:
                 conn.executemany(INSERT, rows)

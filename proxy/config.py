@@ -206,3 +206,41 @@ def _describe(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         parts.append(f"{loc}: {err['msg']}")
     return "; ".join(parts)
+
+
+def build_config(
+    routes: list[dict[str, Any]],
+    *,
+    port: int,
+    log_dir: Path,
+    templates_dir: Path,
+    host: str = "127.0.0.1",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A config as `ptst serve --config` reads it: these routes, these templates, and both
+    refusal-log sinks in `log_dir`. Each `extra` top-level key is merged in (a dict key by key).
+    `ptst up`, the benches and the tests all build their configs here."""
+    config: dict[str, Any] = {
+        "server": {"host": host, "port": port},
+        "templates_dir": str(templates_dir.resolve()),
+        "routes": routes,
+        "log": {
+            "jsonl": str((log_dir / "refusals.jsonl").resolve()),
+            "sqlite": str((log_dir / "refusals.sqlite3").resolve()),
+        },
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    """Write a config atomically (a running proxy's file watch never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp.replace(path)
+    return path

@@ -11,9 +11,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.audit import LogRecord
-from proxy.config import Route
-from proxy.refusal import RefusalDetector
+from ptst.proxy.config import Route
+from ptst.proxy.record import LogRecord
+from ptst.proxy.refusal import RefusalDetector
 
 # Request ids: a random prefix per process and a counter (uuid4 per request costs a syscall).
 _ID_PREFIX = uuid.uuid4().hex[:12]

@@ -21,7 +21,7 @@ so a misbehaving caller cannot blow up the series count.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,8 +32,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-if TYPE_CHECKING:
-    from proxy.audit import LogRecord
+from ptst.proxy.record import LogRecord
 
 # LLM latencies: 10 ms (a cached first token) to 120 s (a long generation).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)

@@ -10,7 +10,7 @@ import logging
 import signal
 from pathlib import Path
 
-from proxy.state import ProxyState, SnapshotError, build_snapshot
+from ptst.proxy.state import ProxyState, SnapshotError, build_snapshot
 
 log = logging.getLogger("ptst.reload")
 

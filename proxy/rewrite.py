@@ -29,9 +29,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.config import BypassPolicy, MarkerPolicy, Mode, Route, SystemPolicy
-from proxy.errors import BadRequest
-from proxy.templates import Template
+from ptst.proxy.config import BypassPolicy, MarkerPolicy, Mode, Route, SystemPolicy
+from ptst.proxy.errors import BadRequest
+from ptst.proxy.templates import Template
 
 # Fields of vLLM's chat/completions requests that change which prompt the model sees.
 BYPASS_FIELDS: tuple[str, ...] = (

@@ -15,11 +15,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from proxy import jsonfast
-from proxy.audit import LogRecord
-from proxy.config import Mode, Route
-from proxy.convert import ChunkConverter, completion_to_chat
-from proxy.errors import (
+from ptst.proxy import jsonfast
+from ptst.proxy.config import Mode, Route
+from ptst.proxy.convert import ChunkConverter, completion_to_chat
+from ptst.proxy.errors import (
     BadRequest,
     Forbidden,
     PayloadTooLarge,
@@ -27,13 +26,14 @@ from proxy.errors import (
     Unauthorized,
     UpstreamError,
 )
-from proxy.exchange import Exchange
-from proxy.rewrite import Policy, enforce
-from proxy.schemas import ChatCompletionRequest, CompletionRequest, StreamOptions
-from proxy.sse import DONE, SSEParser, event
-from proxy.state import ProxyState
-from proxy.templates import Template
-from proxy.upstream import Call, error_kind, transport_error
+from ptst.proxy.exchange import Exchange
+from ptst.proxy.record import LogRecord
+from ptst.proxy.rewrite import Policy, enforce
+from ptst.proxy.schemas import ChatCompletionRequest, CompletionRequest, StreamOptions
+from ptst.proxy.sse import DONE, SSEParser, event
+from ptst.proxy.state import ProxyState
+from ptst.proxy.templates import Template
+from ptst.proxy.upstream import Call, error_kind, transport_error
 
 router = APIRouter()
 M = TypeVar("M", bound=BaseModel)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy import jsonfast
+from ptst.proxy import jsonfast
 
 DONE = b"data: [DONE]\n\n"
 

@@ -7,14 +7,14 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.audit import AuditLog
-from proxy.config import Mode, Route, Settings, load_settings
-from proxy.errors import NotFound
-from proxy.metrics import Metrics
-from proxy.rewrite import Policy
-from proxy.templates import Template, load_templates
-from proxy.tokens import special_tokens
-from proxy.upstream import Upstreams
+from ptst.proxy.audit import AuditLog
+from ptst.proxy.config import Mode, Route, Settings, load_settings
+from ptst.proxy.errors import NotFound
+from ptst.proxy.metrics import Metrics
+from ptst.proxy.rewrite import Policy
+from ptst.proxy.templates import Template, load_templates
+from ptst.proxy.tokens import special_tokens
+from ptst.proxy.upstream import Upstreams
 
 
 class SnapshotError(Exception):

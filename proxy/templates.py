@@ -28,7 +28,7 @@ import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from proxy.config import Mode
+from ptst.proxy.config import Mode
 
 CONTENT = "{content}"
 """The placeholder for the user's text in `user_wrapper` (replaced once, never formatted)."""
@@ -146,12 +146,9 @@ def load_templates(directory: Path) -> dict[str, Template]:
 
 
 def builtin_templates_dir() -> Path:
-    """The shipped templates: `proxy/templates/` in a wheel, else the repository's `templates/`."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "templates"
-    if packaged.is_dir():
-        return packaged
-    return here.parent / "templates"
+    """The shipped templates: `ptst/templates/` installed, the repository's `templates/` in a
+    checkout (`ptst/` links there, and resolving this file leaves the link)."""
+    return Path(__file__).resolve().parent.parent / "templates"
 
 
 def _smoke_test(template: Template, path: Path) -> None:

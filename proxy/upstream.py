@@ -10,9 +10,9 @@ import collections
 from collections.abc import AsyncIterator
 from typing import Any
 
-from proxy import http1, jsonfast
-from proxy.config import Route, ServerSettings
-from proxy.errors import (
+from ptst.proxy import http1, jsonfast
+from ptst.proxy.config import Route, ServerSettings
+from ptst.proxy.errors import (
     ProxyError,
     UpstreamError,
     UpstreamRejected,

@@ -16,9 +16,11 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
 
-from tests.servers import PTST, ROOT, Server, free_port
+from ptst.bench.responder import FAULT_MODELS
+from ptst.proxy.config import build_config, write_config
+from ptst.proxy.templates import builtin_templates_dir
+from tests.servers import PTST, Child, free_port, start_server
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 VLLM_MODEL = "smollm2"
@@ -44,13 +46,13 @@ def vllm_url(log_dir: Path) -> Iterator[str]:
     try:
         import vllm  # noqa: F401
 
-        from proxy.demo_model import ensure_model
+        from ptst.engine.demo_model import ensure_model
 
         model = ensure_model()
     except Exception as exc:  # ImportError, DemoModelError, pip failures
         backend_missing(f"cannot prepare vLLM with the demo model: {exc}")
     port = free_port()
-    server = Server(
+    server = start_server(
         "vllm",
         [
             *PTST,
@@ -78,8 +80,8 @@ def vllm_url(log_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def responder_url(log_dir: Path) -> Iterator[str]:
     port = free_port()
-    server = Server(
-        "responder", [sys.executable, "-m", "bench.responder", "--port", str(port)], log_dir
+    server = start_server(
+        "responder", [sys.executable, "-m", "ptst.bench.responder", "--port", str(port)], log_dir
     )
     server.wait_line(timeout=60)
     yield f"http://127.0.0.1:{port}/v1"
@@ -87,7 +89,7 @@ def responder_url(log_dir: Path) -> Iterator[str]:
 
 
 class Proxy:
-    def __init__(self, server: Server, base_url: str, config_path: Path, config: dict[str, Any]):
+    def __init__(self, server: Child, base_url: str, config_path: Path, config: dict[str, Any]):
         self.server, self.base_url, self.config_path, self.config = (
             server,
             base_url,
@@ -100,44 +102,30 @@ class Proxy:
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.config = config
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(config))
-        tmp.replace(self.config_path)
+        write_config(self.config_path, config)
 
 
 def write_proxy_config(
     folder: Path, routes: list[dict[str, Any]], **extra: Any
 ) -> tuple[Path, dict[str, Any]]:
-    config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": free_port()},
-        "templates_dir": str(ROOT / "templates"),
-        "routes": routes,
-        "log": {
-            "jsonl": str(folder / "refusals.jsonl"),
-            "sqlite": str(folder / "refusals.sqlite3"),
-        },
-    }
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    path = folder / "ptst.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path, config
+    templates_dir = Path(extra.pop("templates_dir", builtin_templates_dir()))
+    config = build_config(
+        routes, port=free_port(), log_dir=folder, templates_dir=templates_dir, **extra
+    )
+    return write_config(folder / "ptst.yaml", config), config
 
 
 @pytest.fixture(scope="session")
 def start_proxy(
     tmp_path_factory: pytest.TempPathFactory, log_dir: Path
 ) -> Iterator[Callable[..., Proxy]]:
-    started: list[Server] = []
+    started: list[Child] = []
 
     def start(routes: list[dict[str, Any]], **extra: Any) -> Proxy:
         folder = tmp_path_factory.mktemp("proxy")
         path, config = write_proxy_config(folder, routes, **extra)
         port = config["server"]["port"]
-        server = Server(f"proxy-{port}", [*PTST, "serve", "--config", str(path)], log_dir)
+        server = start_server(f"proxy-{port}", [*PTST, "serve", "--config", str(path)], log_dir)
         started.append(server)
         server.wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=60)
         return Proxy(server, f"http://127.0.0.1:{port}/v1", path, config)
@@ -145,19 +133,6 @@ def start_proxy(
     yield start
     for server in started:
         server.stop()
-
-
-FAULTS = (
-    "refuse",
-    "echo",
-    "error-500",
-    "error-429",
-    "error-400",
-    "hang",
-    "drop-mid-stream",
-    "garbage",
-    "slow",
-)
 
 
 def responder_routes(responder_url: str) -> list[dict[str, Any]]:
@@ -169,7 +144,7 @@ def responder_routes(responder_url: str) -> list[dict[str, Any]]:
             "upstream_model": name,
             "template": "chat:llama",
         }
-        for name in FAULTS
+        for name in FAULT_MODELS
     ]
 
 

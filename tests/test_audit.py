@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from proxy.audit import AuditLog, JsonlSink, LogRecord, Sink, SqliteSink, query_stats, tail
-from proxy.config import LogSettings
-from proxy.metrics import Metrics
+from ptst.proxy.audit import AuditLog, JsonlSink, Sink, SqliteSink, query_stats, tail
+from ptst.proxy.config import LogSettings
+from ptst.proxy.metrics import Metrics
+from ptst.proxy.record import LogRecord
 
 if TYPE_CHECKING:
     from tests.conftest import Proxy
@@ -137,7 +138,7 @@ WRITER = """
 import sys
 from pathlib import Path
 from tests.test_audit import record
-from proxy.audit import JsonlSink
+from ptst.proxy.audit import JsonlSink
 
 path, rotate, start = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 sink = JsonlSink(path, rotate, 1000)
@@ -193,7 +194,7 @@ def test_unwritable_jsonl_path_does_not_stop_sqlite(
             await asyncio.sleep(0.05)
         await log.close()
 
-    with caplog.at_level(logging.ERROR, logger="proxy.audit"):
+    with caplog.at_level(logging.ERROR, logger="ptst.proxy.audit"):
         asyncio.run(main())
     assert cfg.sqlite is not None
     assert len(tail(cfg.sqlite, 100)) == 12
@@ -244,7 +245,7 @@ def test_failing_sink_counts_drops_recovers_and_runs_off_loop(
             log.submit(record(i))
         await log.close()
 
-    with caplog.at_level(logging.WARNING, logger="proxy.audit"):
+    with caplog.at_level(logging.WARNING, logger="ptst.proxy.audit"):
         asyncio.run(main())
     assert [r.request_id for r in flaky.records] == ["req-3", "req-4"]
     assert dropped(metrics, "sink_error", "flaky") == 3

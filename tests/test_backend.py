@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from proxy.backend import BackendConfig, cpu_dtype, vllm_command
+from ptst.engine.backend import BackendConfig, cpu_dtype, vllm_command
 from tests.servers import PTST, ROOT, free_port
 
 

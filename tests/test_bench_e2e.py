@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import main
+from ptst.commands.cli import main
 from tests.conftest import Proxy
 
 pytestmark = pytest.mark.vllm
@@ -19,7 +19,7 @@ def only_result(out: Path) -> tuple[Path, dict]:  # type: ignore[type-arg]
 
 
 def test_load_bench_direct_vs_proxy(vllm_url: str, demo_proxy: Proxy, tmp_path: Path) -> None:
-    from proxy.demo_model import ensure_model
+    from ptst.engine.demo_model import ensure_model
 
     argv = [
         "bench", "load", "--base-url", vllm_url, "--model", "smollm2",

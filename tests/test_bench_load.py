@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench import load, report, stats
+from ptst.bench import load, plots, report, stats
 
 # --- stats -----------------------------------------------------------------------------------
 
@@ -113,7 +113,7 @@ def test_run_dir_and_report_files(tmp_path: Path) -> None:
     folder = report.run_dir(tmp_path, "load", "http://127.0.0.1:8080/v1")
     assert folder.name.startswith("load-") and folder.name.endswith("-127-0-0-1-8080-v1")
     assert report.run_dir(tmp_path, "load", "http://127.0.0.1:8080/v1") != folder
-    png = report.plot_cdf(folder / "cdf.png", {"a": [0.1, 0.2, 0.3]}, "TTFT (s)")
+    png = plots.plot_cdf(folder / "cdf.png", {"a": [0.1, 0.2, 0.3]}, "TTFT (s)")
     md = "## Numbers\n\n" + report.markdown_table(["x", "y"], [["a|b", 1.23456], ["c", None]])
     html_path = report.write_report(folder, "T", {"v": float("nan"), "p": Path("/x")}, md, [png])
     saved = json.loads((folder / "results.json").read_text())
@@ -254,7 +254,7 @@ def test_non_streaming_and_completions(
 def test_raw_generator_against_the_responder(responder_url: str) -> None:
     import uvloop
 
-    from bench import blaster, overhead
+    from ptst.bench import blaster, overhead
 
     request = blaster.http_request(responder_url, "/chat/completions", overhead.chat_body("x", 4))
     assert request.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:")
@@ -275,7 +275,7 @@ def test_raw_generator_against_the_responder(responder_url: str) -> None:
 
 
 def test_direct_target_mirrors_the_proxy_rewrite() -> None:
-    from bench import overhead
+    from ptst.bench import overhead
 
     seen = {
         "model": "bench",
@@ -297,7 +297,7 @@ def test_direct_target_mirrors_the_proxy_rewrite() -> None:
 
 
 def test_paired_streams_against_the_responder(responder_url: str) -> None:
-    from bench import overhead
+    from ptst.bench import overhead
 
     targets = (
         load.Target("direct", responder_url, "bench"),

@@ -1,6 +1,6 @@
 """The safety bench: Wilson intervals, prompt sets, the resumable run, judge wiring, reports.
 
-Runs against `python -m bench.responder` (a real HTTP upstream in a subprocess) whose `refuse`
+Runs against `python -m ptst.bench.responder` (a real HTTP upstream in a subprocess) whose `refuse`
 model always refuses, and counts the requests it got through `/debug/stats`.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from bench import judge as judging
-from bench import safety
-from bench.wilson import mcnemar_exact, rate, wilson
+from ptst.bench import judge as judging
+from ptst.bench import safety
+from ptst.bench.wilson import mcnemar_exact, rate, wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 ADVBENCH = ROOT.parent / "shared" / "data" / "advbench_harmful_behaviors.csv"
@@ -169,7 +169,7 @@ def test_cache_skips_torn_lines(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def responder() -> Iterator[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.responder", "--port", "0", "--tokens", "8"],
+        [sys.executable, "-m", "ptst.bench.responder", "--port", "0", "--tokens", "8"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -286,7 +286,7 @@ def test_interrupted_run_resumes_without_resending(responder: str, tmp_path: Pat
 
 
 def test_templates_are_applied_with_the_proxy_rewrite(responder: str, tmp_path: Path) -> None:
-    from proxy.templates import builtin_templates_dir, load_templates
+    from ptst.proxy.templates import builtin_templates_dir, load_templates
 
     templates = load_templates(builtin_templates_dir())
     llama = templates["chat:llama"].system_prompt
@@ -323,7 +323,7 @@ def test_failed_requests_are_counted_and_retried_on_rerun(responder: str, tmp_pa
 
 
 def test_via_proxy_routes_fill_the_ptst_matrix(responder: str, tmp_path: Path) -> None:
-    config = tmp_path / "proxy.yaml"
+    config = tmp_path / "ptst.proxy.yaml"
     config.write_text(
         f"""
 routes:
@@ -357,7 +357,7 @@ routes:
 
 
 def test_cli_run_writes_the_report(responder: str, tmp_path: Path) -> None:
-    from proxy.cli import main
+    from ptst.commands.cli import main
 
     argv = [
         "bench", "safety",

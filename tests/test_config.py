@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import ConfigError, load_settings
-from proxy.state import SnapshotError, build_snapshot
+from ptst.proxy.config import ConfigError, load_settings
+from ptst.proxy.state import SnapshotError, build_snapshot
 from tests.servers import PTST, ROOT
 
 ROUTE = {"model": "m", "upstream": "http://127.0.0.1:9/v1", "template": "chat:llama"}

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.detect_cli import judge_line
-from proxy.refusal import detect
+from ptst.commands.detect import judge_line
+from ptst.proxy.refusal import detect
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMAND = [sys.executable, "-m", "proxy.cli", "detect"]
+COMMAND = [sys.executable, "-m", "ptst", "detect"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 REFUSAL = "I'm sorry, but I can't help with that."

@@ -9,8 +9,8 @@ import shlex
 import pytest
 import yaml
 
-from proxy import cli
-from proxy.config import load_settings
+from ptst.commands import cli
+from ptst.proxy.config import load_settings
 from tests.servers import ROOT
 
 

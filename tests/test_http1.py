@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trustme
 
-from proxy import http1
+from ptst.proxy import http1
 from tests.servers import free_port
 
 LIMIT = 2.0  # seconds any one test may take; a hang fails instead of stalling the suite

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from bench import judge as j
+from ptst.bench import judge as j
 
 CONFIG = j.JudgeConfig(base_url="http://judge.test/v1", model="guard", retries=0)
 

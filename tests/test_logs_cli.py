@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from proxy import logs_cli
-from proxy.audit import LogRecord, SqliteSink
-from proxy.cli import main
+from ptst.commands.cli import main
+from ptst.commands import logs as logs_cli
+from ptst.proxy.audit import SqliteSink
+from ptst.proxy.record import LogRecord
 
 
 def record(
@@ -151,7 +152,7 @@ def test_tail_follow_prints_new_records(
 
 
 def test_db_from_config(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "proxy.yaml"
+    config = tmp_path / "ptst.proxy.yaml"
     config.write_text(f"log: {{sqlite: {db.name}, jsonl: null}}\n")
     code, out, _ = run(capsys, "tail", "--config", str(config), "-n", "1")
     assert code == 0 and json.loads(out)["request_id"] == "req-11"

@@ -7,8 +7,8 @@ import dataclasses
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.audit import LogRecord
-from proxy.metrics import Metrics
+from ptst.proxy.metrics import Metrics
+from ptst.proxy.record import LogRecord
 
 RECORD = LogRecord(
     request_id="req-1",

@@ -10,14 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.detect_speed import quality
-from proxy.refusal import (
+from ptst.bench.baselines import gcg_keyword, xstest_strmatch
+from ptst.bench.detect_speed import quality
+from ptst.proxy.refusal import (
     HEAD_CHARS,
     RefusalDetector,
     Verdict,
     detect,
-    gcg_keyword,
-    xstest_strmatch,
 )
 
 LABELS = Path(__file__).parent / "data" / "refusal_labels.jsonl"

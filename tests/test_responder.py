@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from bench.responder import REFUSAL, plan_answer, split_pieces, token_pieces
+from ptst.bench.responder import REFUSAL, plan_answer, split_pieces, token_pieces
 
 TOKENS = 16  # the responder_url fixture runs with the default --tokens
 FULL = "tok " * (TOKENS - 1) + "tok"

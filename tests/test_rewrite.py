@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.config import Route
-from proxy.errors import BadRequest
-from proxy.rewrite import (
+from ptst.proxy.config import Route
+from ptst.proxy.errors import BadRequest
+from ptst.proxy.rewrite import (
     ROLE_MARKERS,
     Policy,
     enforce,
@@ -22,7 +22,7 @@ from proxy.rewrite import (
     marker_pattern,
     neutralize,
 )
-from proxy.templates import Template, builtin_templates_dir, load_templates
+from ptst.proxy.templates import Template, builtin_templates_dir, load_templates
 
 SAFETY = "You are a helpful, respectful and honest assistant."
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from proxy.convert import ChunkConverter, completion_to_chat
-from proxy.sse import DONE, SSEParser, event
+from ptst.proxy.convert import ChunkConverter, completion_to_chat
+from ptst.proxy.sse import DONE, SSEParser, event
 
 EVENTS = [
     {"id": "cmpl-1", "choices": [{"index": 0, "text": t, "finish_reason": None}]}

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from proxy.rewrite import Policy, enforce_chat, enforce_prompt
-from proxy.templates import (
+from ptst.proxy.rewrite import Policy, enforce_chat, enforce_prompt
+from ptst.proxy.templates import (
     Template,
     TemplateError,
     builtin_templates_dir,
@@ -298,7 +298,7 @@ def test_messages_only_template_cannot_render_prompts(tmp_path: Path) -> None:
 
 
 def _ptst(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    from proxy.cli import main
+    from ptst.commands.cli import main
 
     code = main(["templates", *argv])
     out, err = capsys.readouterr()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import parse_settings
-from proxy.state import SnapshotError, build_snapshot
-from proxy.templates import builtin_templates_dir
-from proxy.tokens import special_tokens
+from ptst.proxy.config import parse_settings
+from ptst.proxy.state import SnapshotError, build_snapshot
+from ptst.proxy.templates import builtin_templates_dir
+from ptst.proxy.tokens import special_tokens
 
 
 def write(folder: Path, name: str, data: object) -> None:

@@ -19,10 +19,16 @@ With `--no-stream` TTFT equals E2E and there is no ITL/TPOT.
 see the same machine noise, and reports ratios (compare / base) and added latency.
 """
 
-from bench.load._cli import add_arguments, run
-from bench.load._prompts import CHARS_PER_TOKEN, Tokens, load_tokenizer, make_prompts, read_prompts
-from bench.load._report import make_plots, summary_markdown
-from bench.load._requests import (
+from ptst.bench.load._cli import add_arguments, run
+from ptst.bench.load._prompts import (
+    CHARS_PER_TOKEN,
+    Tokens,
+    load_tokenizer,
+    make_prompts,
+    read_prompts,
+)
+from ptst.bench.load._report import make_plots, summary_markdown
+from ptst.bench.load._requests import (
     Options,
     Result,
     SSEParser,
@@ -30,7 +36,7 @@ from bench.load._requests import (
     build_payload,
     send_request,
 )
-from bench.load._run import (
+from ptst.bench.load._run import (
     Level,
     compare_summaries,
     poisson_offsets,

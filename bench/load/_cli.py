@@ -10,11 +10,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import report
-from bench.load._prompts import CHARS_PER_TOKEN, Tokens, load_tokenizer, make_prompts
-from bench.load._report import make_plots, summary_markdown
-from bench.load._requests import Options, Target
-from bench.load._run import Level, run_bench
+from ptst.bench import report
+from ptst.bench.load._prompts import CHARS_PER_TOKEN, Tokens, load_tokenizer, make_prompts
+from ptst.bench.load._report import make_plots, summary_markdown
+from ptst.bench.load._requests import Options, Target
+from ptst.bench.load._run import Level, run_bench
 
 
 def _floats(text: str) -> list[float]:

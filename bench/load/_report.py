@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import report
-from bench.load._run import Level
+from ptst.bench import plots, report
+from ptst.bench.load._run import Level
 
 
 def summary_markdown(levels: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
@@ -116,8 +116,8 @@ def make_plots(folder: Path, levels: Sequence[dict[str, Any]], names: Sequence[s
         return out
 
     images = [
-        report.plot_cdf(folder / "ttft_cdf.png", series("ttft"), "TTFT (s)"),
-        report.plot_cdf(folder / "e2e_cdf.png", series("e2e"), "E2E latency (s)"),
+        plots.plot_cdf(folder / "ttft_cdf.png", series("ttft"), "TTFT (s)"),
+        plots.plot_cdf(folder / "e2e_cdf.png", series("e2e"), "E2E latency (s)"),
     ]
     if len(levels) > 1:
         kind = levels[0]["level"]["kind"]
@@ -127,7 +127,7 @@ def make_plots(folder: Path, levels: Sequence[dict[str, Any]], names: Sequence[s
             return {n: [fn(e["targets"][n]["summary"]) for e in levels] for n in names}
 
         images.append(
-            report.plot_lines(
+            plots.plot_lines(
                 folder / "throughput.png",
                 xs,
                 per(lambda s: s["output_throughput"]),
@@ -138,7 +138,7 @@ def make_plots(folder: Path, levels: Sequence[dict[str, Any]], names: Sequence[s
         lat = per(lambda s: s["ttft_ms"]["p50"])
         lat = {f"{k} TTFT p50": v for k, v in lat.items()}
         lat |= {f"{k} E2E p50": v for k, v in per(lambda s: s["e2e_ms"]["p50"]).items()}
-        images.append(report.plot_lines(folder / "latency.png", xs, lat, kind, "latency (ms)"))
+        images.append(plots.plot_lines(folder / "latency.png", xs, lat, kind, "latency (ms)"))
     if len(names) > 1:
         metrics = [
             "request_throughput",
@@ -155,7 +155,7 @@ def make_plots(folder: Path, levels: Sequence[dict[str, Any]], names: Sequence[s
             for e in levels
         }
         images.append(
-            report.plot_bars(
+            plots.plot_bars(
                 folder / "ratios.png",
                 ["req/s", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "E2E p50"],
                 bars,

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from bench import stats
+from ptst.bench import stats
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench import stats
-from bench.load._prompts import Tokens
-from bench.load._requests import Options, Result, Target, send_request
+from ptst.bench import stats
+from ptst.bench.load._prompts import Tokens
+from ptst.bench.load._requests import Options, Result, Target, send_request
 
 
 @dataclass(frozen=True)

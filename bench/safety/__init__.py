@@ -17,10 +17,10 @@ adds the PTST paper's 1-5 harmfulness score (attack success = 5) or a judged ref
 Rates come with 95% Wilson intervals.
 """
 
-from bench.safety._cli import add_arguments, options_from_args, run
-from bench.safety._fetch import complete, fetch_all, judge_all, judge_key
-from bench.safety._plan import DEFAULT_CACHE, Job, Options, plan, targets_for
-from bench.safety._prompts import (
+from ptst.bench.safety._cli import add_arguments, options_from_args, run
+from ptst.bench.safety._fetch import complete, fetch_all, judge_all, judge_key
+from ptst.bench.safety._plan import DEFAULT_CACHE, Job, Options, plan, targets_for
+from ptst.bench.safety._prompts import (
     BUILTIN_SETS,
     PROMPTS_DIR,
     PUBLIC_SETS,
@@ -29,8 +29,8 @@ from bench.safety._prompts import (
     read_prompts,
     sample,
 )
-from bench.safety._report import fmt_rate, markdown_report, plot_rates
-from bench.safety._requests import (
+from ptst.bench.safety._report import fmt_rate, markdown_report, plot_rates
+from ptst.bench.safety._requests import (
     DEFAULT_TEMPLATE,
     Enforcer,
     JsonlCache,
@@ -40,7 +40,7 @@ from bench.safety._requests import (
     proxy_enforcer,
     request_body,
 )
-from bench.safety._results import (
+from ptst.bench.safety._results import (
     Cell,
     Paired,
     Row,
@@ -52,7 +52,7 @@ from bench.safety._results import (
     ptst_matrix,
     summarize,
 )
-from bench.safety._run import Outcome, run_safety
+from ptst.bench.safety._run import Outcome, run_safety
 
 __all__ = [
     "BUILTIN_SETS",

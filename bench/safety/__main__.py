@@ -1,11 +1,13 @@
-"""`python -m bench.safety`: the same as `ptst bench safety`."""
+"""`python -m ptst.bench.safety`: the same as `ptst bench safety`."""
 
 import argparse
 import sys
 
-import bench.safety as safety
+import ptst.bench.safety as safety
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m bench.safety", description=safety.__doc__)
+    _parser = argparse.ArgumentParser(
+        prog="python -m ptst.bench.safety", description=safety.__doc__
+    )
     safety.add_arguments(_parser)
     sys.exit(safety.run(_parser.parse_args()))

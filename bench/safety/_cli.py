@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from bench import judge as judging
-from bench.safety._plan import DEFAULT_CACHE, Options
-from bench.safety._report import fmt_rate
-from bench.safety._requests import DEFAULT_TEMPLATE, Sampling
-from bench.safety._run import run_safety
+from ptst.bench import judge as judging
+from ptst.bench.safety._plan import DEFAULT_CACHE, Options
+from ptst.bench.safety._report import fmt_rate
+from ptst.bench.safety._requests import DEFAULT_TEMPLATE, Sampling
+from ptst.bench.safety._run import run_safety
 
 
 def _csv(text: str) -> list[str]:

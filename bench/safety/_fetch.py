@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 
-from bench import judge as judging
-from bench.safety._plan import Job, Options
-from bench.safety._requests import JsonlCache
+from ptst.bench import judge as judging
+from ptst.bench.safety._plan import Job, Options
+from ptst.bench.safety._requests import JsonlCache
 
 
 async def complete(client: httpx.AsyncClient, url: str, body: dict[str, Any], retries: int) -> str:

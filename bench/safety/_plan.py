@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import judge as judging
-from bench.safety._prompts import PromptSet, sample
-from bench.safety._requests import (
+from ptst.bench import judge as judging
+from ptst.bench.safety._prompts import PromptSet, sample
+from ptst.bench.safety._requests import (
     DEFAULT_TEMPLATE,
     Enforcer,
     Sampling,
@@ -65,7 +65,7 @@ def targets_for(options: Options) -> list[Target]:
         ]
     routes: dict[str, Any] = {}
     if options.proxy_config is not None:
-        from proxy.config import load_settings
+        from ptst.proxy.config import load_settings
 
         routes = {r.model: r for r in load_settings(options.proxy_config).routes}
     targets = []

@@ -6,12 +6,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import markdown_table
-from bench.safety._prompts import PromptSet
-from bench.safety._requests import Target
-from bench.safety._results import Cell, Paired, ptst_matrix
-from bench.wilson import Rate
-from proxy.refusal import BASELINES
+from ptst.bench.baselines import BASELINES
+from ptst.bench.plots import figure
+from ptst.bench.report import markdown_table
+from ptst.bench.safety._prompts import PromptSet
+from ptst.bench.safety._requests import Target
+from ptst.bench.safety._results import Cell, Paired, ptst_matrix
+from ptst.bench.wilson import Rate
 
 
 def fmt_rate(r: Rate | None) -> str:
@@ -155,35 +156,27 @@ def _grid(
 
 def plot_rates(path: Path, cells: Sequence[Cell], title: str) -> Path:
     """Refusal rate bars per template (one bar per model) with Wilson whiskers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     templates = list(dict.fromkeys(c.template for c in cells))
     models = list(dict.fromkeys(c.model for c in cells))
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 * len(templates) * max(1, len(models))), 4.0))
-    width = 0.8 / max(len(models), 1)
-    for k, model in enumerate(models):
-        xs, ys, lo, hi = [], [], [], []
-        for g, template in enumerate(templates):
-            cell = next((c for c in cells if c.model == model and c.template == template), None)
-            if cell is None or cell.refusal.value is None:
-                continue
-            value = cell.refusal.value
-            xs.append(g + (k - (len(models) - 1) / 2) * width)
-            ys.append(value)
-            lo.append(value - cell.refusal.lo)
-            hi.append(cell.refusal.hi - value)
-        ax.bar(xs, ys, width=width, label=model, yerr=[lo, hi], capsize=4)
-    ax.set_xticks(list(range(len(templates))), templates)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("refusal rate (95% Wilson interval)")
-    ax.set_title(title)
-    ax.grid(True, axis="y", alpha=0.3)
-    if models:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+    with figure(path, width=max(6.4, 1.6 * len(templates) * max(1, len(models)))) as ax:
+        width = 0.8 / max(len(models), 1)
+        for k, model in enumerate(models):
+            xs, ys, lo, hi = [], [], [], []
+            for g, template in enumerate(templates):
+                cell = next((c for c in cells if c.model == model and c.template == template), None)
+                if cell is None or cell.refusal.value is None:
+                    continue
+                value = cell.refusal.value
+                xs.append(g + (k - (len(models) - 1) / 2) * width)
+                ys.append(value)
+                lo.append(value - cell.refusal.lo)
+                hi.append(cell.refusal.hi - value)
+            ax.bar(xs, ys, width=width, label=model, yerr=[lo, hi], capsize=4)
+        ax.set_xticks(list(range(len(templates))), templates)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("refusal rate (95% Wilson interval)")
+        ax.set_title(title)
+        ax.grid(True, axis="y", alpha=0.3)
+        if models:
+            ax.legend()
     return path

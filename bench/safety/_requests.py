@@ -36,8 +36,8 @@ Enforcer = Callable[[dict[str, Any], str], dict[str, Any]]
 
 def proxy_enforcer(templates_dir: Path | None = None) -> Enforcer:
     """The proxy's own rewrite (`enforce_chat` with the default Policy) over its templates."""
-    from proxy.rewrite import Policy, enforce_chat
-    from proxy.templates import builtin_templates_dir, load_templates
+    from ptst.proxy.rewrite import Policy, enforce_chat
+    from ptst.proxy.templates import builtin_templates_dir, load_templates
 
     registry = load_templates(templates_dir or builtin_templates_dir())
 

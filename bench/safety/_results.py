@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bench import judge as judging
-from bench.safety._fetch import judge_key
-from bench.safety._plan import Job
-from bench.safety._prompts import PromptSet
-from bench.safety._requests import Target
-from bench.wilson import Rate, mcnemar_exact, rate
-from proxy.refusal import BASELINES, detect
+from ptst.bench import judge as judging
+from ptst.bench.baselines import BASELINES
+from ptst.bench.safety._fetch import judge_key
+from ptst.bench.safety._plan import Job
+from ptst.bench.safety._prompts import PromptSet
+from ptst.bench.safety._requests import Target
+from ptst.bench.wilson import Rate, mcnemar_exact, rate
+from ptst.proxy.refusal import detect
 
 # --- refusal detection -------------------------------------------------------------------------
 

@@ -9,14 +9,14 @@ from typing import Any
 
 import httpx
 
-from bench import judge as judging
-from bench.report import run_dir, slugify, write_report
-from bench.safety._fetch import fetch_all, judge_all
-from bench.safety._plan import Job, Options, plan, targets_for
-from bench.safety._prompts import PromptSet, load_prompt_set
-from bench.safety._report import markdown_report, plot_rates
-from bench.safety._requests import DEFAULT_TEMPLATE, JsonlCache, Target, proxy_enforcer
-from bench.safety._results import (
+from ptst.bench import judge as judging
+from ptst.bench.report import run_dir, slugify, write_report
+from ptst.bench.safety._fetch import fetch_all, judge_all
+from ptst.bench.safety._plan import Job, Options, plan, targets_for
+from ptst.bench.safety._prompts import PromptSet, load_prompt_set
+from ptst.bench.safety._report import markdown_report, plot_rates
+from ptst.bench.safety._requests import DEFAULT_TEMPLATE, JsonlCache, Target, proxy_enforcer
+from ptst.bench.safety._results import (
     Cell,
     Row,
     build_rows,
@@ -24,7 +24,7 @@ from bench.safety._results import (
     ptst_matrix,
     summarize,
 )
-from bench.wilson import Rate
+from ptst.bench.wilson import Rate
 
 
 @dataclass

@@ -10,22 +10,16 @@ a one-line reason and vLLM's last error lines when the server does not come up.
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import importlib.metadata
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from ptst.engine.process import Child, ChildError, terminate_on_signals
 
 ERROR_WORDS = ("error", "exception", "traceback", "failed", "raise", "killed")
 
@@ -165,57 +159,43 @@ class Backend:
     def __init__(self, cfg: BackendConfig, echo: bool = True) -> None:
         self.cfg = cfg
         self.echo = echo
-        self.proc: subprocess.Popen[str] | None = None
-        self.last_lines: collections.deque[str] = collections.deque(maxlen=200)
-        self._reader: threading.Thread | None = None
+        self.child: Child | None = None
 
     def start(self) -> None:
         check_config(self.cfg)
-        self.proc = subprocess.Popen(
+        self.child = Child(
+            "vllm",
             vllm_command(self.cfg),
             env=vllm_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            errors="replace",
-            start_new_session=True,  # its own process group: stop() takes the engine with it
+            echo_prefix=self.cfg.log_prefix if self.echo else None,
+            keep=200,
         )
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
 
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.last_lines.append(line)
-            if self.echo:  # one write per line, so lines of other writers never land mid-line
-                sys.stderr.write(f"{self.cfg.log_prefix}{line}\n")
-                sys.stderr.flush()
+    @property
+    def last_lines(self) -> list[str]:
+        return list(self.child.lines) if self.child is not None else []
 
     def wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.cfg.startup_timeout
+        assert self.child is not None
         url = f"http://{self.cfg.host}:{self.cfg.port}/health"
-        with httpx.Client(timeout=httpx.Timeout(2.0)) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    if self._reader is not None:
-                        self._reader.join(timeout=2)
-                    raise BackendError(
-                        f"vLLM exited with code {self.proc.returncode} before it was ready: {self.reason()}",
-                        self.error_lines(),
-                    )
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(url).status_code == 200:
-                        return
-                time.sleep(0.5)
-        raise BackendError(
-            f"vLLM did not answer {url} within {self.cfg.startup_timeout:.0f} s", self.error_lines()
-        )
+        try:
+            self.child.wait_http(
+                url, self.cfg.startup_timeout, ok=lambda status: status == 200, interval=0.5
+            )
+        except ChildError:
+            code = self.child.poll()
+            if code is not None:
+                raise BackendError(
+                    f"vLLM exited with code {code} before it was ready: {self.reason()}",
+                    self.error_lines(),
+                ) from None
+            raise BackendError(
+                f"vLLM did not answer {url} within {self.cfg.startup_timeout:.0f} s",
+                self.error_lines(),
+            ) from None
 
     def error_lines(self, n: int = 8) -> list[str]:
-        lines = list(self.last_lines)
+        lines = self.last_lines
         errors = [ln for ln in lines if any(w in ln.lower() for w in ERROR_WORDS)]
         return (errors or lines)[-n:]
 
@@ -229,19 +209,8 @@ class Backend:
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM the whole process group, SIGKILL what is left after `timeout` seconds."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=timeout)
-        # Engine processes left in the group after the API server exited, or a server that hung.
-        _signal_group(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)  # a killed process still has to release its memory
-        if self._reader is not None:
-            self._reader.join(timeout=5)
+        if self.child is not None:
+            self.child.stop(timeout)
 
     def __enter__(self) -> Backend:
         self.start()
@@ -254,26 +223,6 @@ class Backend:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-@contextlib.contextmanager
-def terminate_on_signals() -> Iterator[None]:
-    """Turn SIGTERM (and SIGHUP) into KeyboardInterrupt so `with` blocks clean up."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser, model_required: bool) -> None:
@@ -324,8 +273,8 @@ def run(args: argparse.Namespace) -> int:
             backend.wait_ready()
             sys.stdout.write(f"READY {cfg.base_url}\n")  # one write: never split by log lines
             sys.stdout.flush()
-            assert backend.proc is not None
-            code = backend.proc.wait()
+            assert backend.child is not None
+            code = backend.child.proc.wait()
             print(
                 f"ptst backend: vLLM exited with code {code}: {backend.reason()}", file=sys.stderr
             )

@@ -7,18 +7,18 @@ import importlib
 
 BENCHES: dict[str, tuple[str, str]] = {
     "load": (
-        "bench.load",
+        "ptst.bench.load",
         "throughput and latency against an OpenAI-compatible URL (--compare for side by side)",
     ),
     "overhead": (
-        "bench.overhead",
+        "ptst.bench.overhead",
         "the proxy's own cost: direct upstream vs through the proxy, interleaved",
     ),
     "safety": (
-        "bench.safety",
+        "ptst.bench.safety",
         "refusal and attack-success rates per prompt set, template and model",
     ),
-    "detect": ("bench.detect_speed", "speed of the refusal detector's rule path"),
+    "detect": ("ptst.bench.detect_speed", "speed of the refusal detector's rule path"),
 }
 
 

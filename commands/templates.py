@@ -20,9 +20,9 @@ from typing import Any, TextIO
 
 import yaml
 
-from proxy.errors import BadRequest
-from proxy.rewrite import Policy, enforce
-from proxy.templates import Template, TemplateError, builtin_templates_dir, load_templates
+from ptst.proxy.errors import BadRequest
+from ptst.proxy.rewrite import Policy, enforce
+from ptst.proxy.templates import Template, TemplateError, builtin_templates_dir, load_templates
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any, BinaryIO, TextIO
 
-from proxy.refusal import detect
+from ptst.proxy.refusal import detect
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

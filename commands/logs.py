@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.audit import GROUP_COLUMNS, query_stats, tail
-from proxy.config import ConfigError, load_settings
+from ptst.proxy.audit import GROUP_COLUMNS, query_stats, tail
+from ptst.proxy.config import ConfigError, load_settings
 
 DEFAULT_DB = Path("ptst-logs/refusals.sqlite3")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

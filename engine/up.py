@@ -14,16 +14,17 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
-from proxy.backend import (
+from ptst.engine.backend import (
     Backend,
     BackendError,
     add_backend_arguments,
     config_from_args,
-    terminate_on_signals,
 )
-from proxy.demo_model import DemoModelError, ensure_model
+from ptst.engine.demo_model import DemoModelError, ensure_model
+from ptst.engine.process import terminate_on_signals
+from ptst.proxy.config import build_config, write_config
+from ptst.proxy.templates import builtin_templates_dir
 
 EXAMPLE = """\
 from openai import OpenAI
@@ -49,12 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def write_config(
+def write_up_config(
     args: argparse.Namespace, backend_url: str, upstream_model: str, model_dir: Path | None = None
 ) -> Path:
-    from proxy.templates import builtin_templates_dir
-
-    args.state_dir.mkdir(parents=True, exist_ok=True)
     route: dict[str, object] = {
         "model": args.route,
         "upstream": backend_url,
@@ -65,18 +63,14 @@ def write_config(
         route["trained_with"] = args.trained_with
     if model_dir is not None and model_dir.is_dir():  # the model's own special tokens too
         route["tokenizer"] = str(model_dir.resolve())
-    config = {
-        "server": {"host": args.proxy_host, "port": args.proxy_port},
-        "templates_dir": str((args.templates_dir or builtin_templates_dir()).resolve()),
-        "routes": [route],
-        "log": {
-            "jsonl": str((args.state_dir / "refusals.jsonl").resolve()),
-            "sqlite": str((args.state_dir / "refusals.sqlite3").resolve()),
-        },
-    }
-    path = args.state_dir / "ptst-up.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    config = build_config(
+        [route],
+        host=args.proxy_host,
+        port=args.proxy_port,
+        log_dir=args.state_dir,
+        templates_dir=args.templates_dir or builtin_templates_dir(),
+    )
+    return write_config(args.state_dir / "ptst-up.yaml", config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
             )
             backend.start()
             backend.wait_ready()
-            config = write_config(args, backend.cfg.base_url, served, Path(model))
+            config = write_up_config(args, backend.cfg.base_url, served, Path(model))
             proxy = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)]
+                [sys.executable, "-m", "ptst", "serve", "--config", str(config)]
             )
             base = f"http://{args.proxy_host}:{args.proxy_port}/v1"
             wait_for_proxy(base, proxy)

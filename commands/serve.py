@@ -1,0 +1,111 @@
+"""`ptst serve --config FILE`: run the proxy with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.config
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from ptst.proxy.app import create_app
+from ptst.proxy.config import ConfigError, load_settings
+from ptst.proxy.state import SnapshotError
+
+CONFIG_ENV = "PTST_CONFIG"
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory: the config path comes from PTST_CONFIG (so workers can import it)."""
+    path = Path(os.environ[CONFIG_ENV])
+    return create_app(load_settings(path), config_path=path)
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get(CONFIG_ENV),
+        required=CONFIG_ENV not in os.environ,
+        help=f"proxy YAML config (default: ${CONFIG_ENV})",
+    )
+    parser.add_argument("--host", default=None, help="override server.host")
+    parser.add_argument("--port", type=int, default=None, help="override server.port")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes on one port (default: 1)"
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=LOG_LEVELS, help="the proxy's and uvicorn's level"
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="text lines, or one JSON object per line (for log collectors)",
+    )
+
+
+def log_config(level: str, fmt: str) -> dict[str, Any]:
+    """One logging config for the proxy's loggers and uvicorn's, applied in every worker."""
+    formatter: dict[str, Any] = (
+        {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(name)s %(levelname)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        }
+        if fmt == "json"
+        else {"format": TEXT_FORMAT}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "default",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {
+            name: {"handlers": [], "level": level.upper(), "propagate": True}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    logging_config = log_config(args.log_level, args.log_format)
+    logging.config.dictConfig(logging_config)
+    try:
+        settings = load_settings(args.config)
+        create_app(settings)  # validates templates and routes now, with a readable error
+    except (ConfigError, SnapshotError) as exc:
+        print(f"ptst serve: {exc}", file=sys.stderr)
+        return 2
+    os.environ[CONFIG_ENV] = str(args.config.resolve())
+    uvicorn.run(
+        "ptst.commands.serve:app_from_env",
+        factory=True,
+        host=args.host or settings.server.host,
+        port=args.port if args.port is not None else settings.server.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        proxy_headers=False,  # the proxy does not use client addresses
+        log_level=args.log_level,
+        log_config=logging_config,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
