@@ -24,7 +24,7 @@ demo: model
 	$(BIN)/ptst up
 
 # ptst/ holds links to the top-level folders: lint the folders themselves, once each.
-LINT := ptst/__init__.py ptst/__main__.py ptst/extras.py proxy commands engine bench tests
+LINT := ptst/__init__.py ptst/__main__.py ptst/extras.py proxy commands engine bench tune tests
 
 lint: install
 	$(BIN)/ruff check $(LINT)

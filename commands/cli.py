@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "templates": ("ptst.commands.templates", "list, show and render the safe-testing templates"),
     "detect": ("ptst.commands.detect", "refusal detection over JSONL on stdin"),
     "logs": ("ptst.commands.logs", "query the refusal log"),
+    "tune": ("ptst.tune.train", "LoRA fine-tuning on examples rendered as the proxy serves them"),
+    "merge": ("ptst.tune.merge", "merge a fine-tune (or a LoRA adapter) with its base on MergeKit"),
     "bench": ("ptst.commands.bench", "load and safety benchmarks"),
 }
 
