@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk", type=int, default=16, help="delta size for the streaming measurement"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="synthetic responses (default: 0)")
     parser.add_argument(
         "--cpu", type=int, default=None, help="pin the process to this CPU (Linux only)"
     )

@@ -416,19 +416,30 @@ def vllm_markdown(res: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--setting", choices=["fast", "vllm"], default="fast")
+    parser.add_argument(
+        "--setting",
+        choices=["fast", "vllm"],
+        default="fast",
+        help="fast: a minimal responder it starts; vllm: a running vLLM at --upstream",
+    )
     parser.add_argument("--template", default="chat:llama", help="template of the proxy route")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per target")
-    parser.add_argument("--out", type=Path, default=Path("results"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=Path("results"), help="results root (default: results/)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="prompts and arrivals (default: 0)")
     parser.add_argument(
         "--proxy-url",
         help="measure an already running proxy instead of starting one (fast: it must route "
         "model 'bench' to a bench.responder; vllm: model 'bench' to --upstream)",
     )
     fast = parser.add_argument_group("fast")
-    fast.add_argument("--connections", type=int, default=32)
-    fast.add_argument("--round-seconds", type=float, default=1.5)
+    fast.add_argument(
+        "--connections", type=int, default=32, help="keep-alive connections (default: 32)"
+    )
+    fast.add_argument(
+        "--round-seconds", type=float, default=1.5, help="length of each round (default: 1.5)"
+    )
     fast.add_argument(
         "--rate",
         type=float,
@@ -438,12 +449,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vllm = parser.add_argument_group("vllm")
     vllm.add_argument("--upstream", help="vLLM base URL, e.g. http://127.0.0.1:18000/v1")
     vllm.add_argument("--model", help="served model name at --upstream")
-    vllm.add_argument("--api-key")
+    vllm.add_argument("--api-key", help="bearer token for --upstream")
     vllm.add_argument("--tokenizer", help="model folder (else ~4 chars/token prompts)")
-    vllm.add_argument("--concurrency", type=int, default=16)
+    vllm.add_argument("--concurrency", type=int, default=16, help="streams in flight (default: 16)")
     vllm.add_argument("--num-prompts", type=int, default=96, help="requests per target")
-    vllm.add_argument("--input-len", type=int, default=64)
-    vllm.add_argument("--output-len", type=int, default=64)
+    vllm.add_argument("--input-len", type=int, default=64, help="prompt tokens (default: 64)")
+    vllm.add_argument(
+        "--output-len", type=int, default=64, help="max_tokens per request (default: 64)"
+    )
 
 
 def fast_plots(folder: Path, result: dict[str, Any]) -> list[Path]:

@@ -31,13 +31,20 @@ def parse_duration(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(
+        dest="action", metavar="ACTION", required=True, help="stats or tail"
+    )
     stats = sub.add_parser("stats", help="refusal counts and rates per group")
     _add_source(stats)
     stats.add_argument(
         "--since", type=parse_duration, metavar="DURATION", help="only the last 90s|30m|1h|2d"
     )
-    stats.add_argument("--by", choices=sorted(GROUP_COLUMNS), default="template")
+    stats.add_argument(
+        "--by",
+        choices=sorted(GROUP_COLUMNS),
+        default="template",
+        help="group by (default: template)",
+    )
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     tail_parser = sub.add_parser("tail", help="print the last records as JSON lines")
     _add_source(tail_parser)

@@ -30,22 +30,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument(
         "--dir", type=Path, default=None, help="templates folder (default: the built-in templates)"
     )
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(
+        dest="action", metavar="ACTION", required=True, help="list, show or render"
+    )
     sub.add_parser("list", parents=[common], help="one line per template")
     show = sub.add_parser("show", parents=[common], help="print one template's file content")
-    show.add_argument("name")
+    show.add_argument("name", help="template name, e.g. chat:llama")
     render = sub.add_parser("render", parents=[common], help="what the proxy sends upstream")
-    render.add_argument("name")
+    render.add_argument("name", help="template name, e.g. chat:llama")
     render.add_argument(
         "--messages",
         required=True,
         help="JSON file: a list of messages or a chat request; - = stdin",
     )
-    render.add_argument("--mode", choices=["messages", "prompt"], default=None)
     render.add_argument(
-        "--system-policy", choices=["prepend", "replace", "reject"], default="prepend"
+        "--mode", choices=["messages", "prompt"], default=None, help="default: the template's own"
     )
-    render.add_argument("--markers", choices=["neutralize", "reject"], default="neutralize")
+    render.add_argument(
+        "--system-policy",
+        choices=["prepend", "replace", "reject"],
+        default="prepend",
+        help="what a client system message gets (default: prepend)",
+    )
+    render.add_argument(
+        "--markers",
+        choices=["neutralize", "reject"],
+        default="neutralize",
+        help="role markers in client text (default: neutralize)",
+    )
     render.add_argument("--body", action="store_true", help="print the whole upstream body as JSON")
 
 

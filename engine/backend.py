@@ -229,9 +229,11 @@ def add_backend_arguments(parser: argparse.ArgumentParser, model_required: bool)
     parser.add_argument(
         "--model", type=Path, required=model_required, help="Hugging Face model folder"
     )
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--served-model-name", default=None, help="the model name vLLM serves (default: the folder)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="vLLM's address (default: loopback)")
+    parser.add_argument("--port", type=int, default=8000, help="vLLM's port (default: 8000)")
     parser.add_argument(
         "--lora",
         action="append",
@@ -239,8 +241,15 @@ def add_backend_arguments(parser: argparse.ArgumentParser, model_required: bool)
         metavar="NAME=PATH",
         help="a LoRA adapter clients select by model=NAME (repeatable)",
     )
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--startup-timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=900.0,
+        help="seconds to wait for /health (default: 900; CPU starts take minutes)",
+    )
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then extra vLLM arguments")
 
 

@@ -181,7 +181,12 @@ def _verify(folder: Path, spec: ModelSpec) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", default=DEFAULT_MODEL, choices=sorted(MODELS))
+    parser.add_argument(
+        "--name",
+        default=DEFAULT_MODEL,
+        choices=sorted(MODELS),
+        help=f"which model (default: {DEFAULT_MODEL})",
+    )
     parser.add_argument("--dir", type=Path, default=None, help="target folder (default: XDG cache)")
 
 

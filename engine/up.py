@@ -37,14 +37,27 @@ print(reply.choices[0].message.content)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_arguments(parser, model_required=False)
     parser.set_defaults(port=8000)
-    parser.add_argument("--proxy-host", default="127.0.0.1")
-    parser.add_argument("--proxy-port", type=int, default=8080)
+    parser.add_argument(
+        "--proxy-host", default="127.0.0.1", help="the proxy's address (default: loopback)"
+    )
+    parser.add_argument(
+        "--proxy-port", type=int, default=8080, help="the proxy's port (default: 8080)"
+    )
     parser.add_argument("--route", default="demo", help="the model name clients send")
-    parser.add_argument("--template", default="chat:llama")
+    parser.add_argument(
+        "--template",
+        default="chat:llama",
+        help="the template the route enforces (default: chat:llama)",
+    )
     parser.add_argument(
         "--trained-with", default=None, help="the template the checkpoint was fine-tuned with"
     )
-    parser.add_argument("--templates-dir", type=Path, default=None)
+    parser.add_argument(
+        "--templates-dir",
+        type=Path,
+        default=None,
+        help="templates folder (default: the shipped ones)",
+    )
     parser.add_argument(
         "--state-dir", type=Path, default=Path("ptst-logs"), help="config and refusal log"
     )

@@ -2,7 +2,8 @@
 
 server: {host: 127.0.0.1, port: 8080}
 api_keys: [...]          # or env PTST_API_KEYS (comma separated); none = open
-templates_dir: templates # relative paths resolve against the config file's folder
+templates_dir: templates # default: the shipped templates; relative paths resolve against
+                         # the config file's folder
 routes:
   - model: demo
     upstream: http://127.0.0.1:8000/v1   # or a list of replicas
@@ -27,6 +28,12 @@ Mode = Literal["messages", "prompt"]
 SystemPolicy = Literal["prepend", "replace", "reject"]
 MarkerPolicy = Literal["neutralize", "reject"]
 BypassPolicy = Literal["strip", "reject"]
+
+
+def builtin_templates_dir() -> Path:
+    """The shipped templates: `ptst/templates/` installed, the repository's `templates/` in a
+    checkout (`ptst/` links there, and resolving this file leaves the link)."""
+    return Path(__file__).resolve().parent.parent / "templates"
 
 
 class ConfigError(Exception):
@@ -122,7 +129,10 @@ class Route(_Strict):
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     api_keys: list[str] = Field(default_factory=list)
-    templates_dir: Path = Path("templates")
+    templates_dir: Path = Field(
+        default_factory=builtin_templates_dir,
+        description="the template files; default: the templates shipped with ptst",
+    )
     # Seconds between checks of the config and template files; 0 turns the file watch off
     # (SIGHUP and POST /admin/reload still reload).
     reload_interval_s: float = Field(default=0.5, ge=0)

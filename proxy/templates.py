@@ -28,7 +28,15 @@ import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ptst.proxy.config import Mode
+from ptst.proxy.config import Mode, builtin_templates_dir
+
+__all__ = [
+    "Template",
+    "TemplateError",
+    "builtin_templates_dir",
+    "load_template_file",
+    "load_templates",
+]
 
 CONTENT = "{content}"
 """The placeholder for the user's text in `user_wrapper` (replaced once, never formatted)."""
@@ -143,12 +151,6 @@ def load_templates(directory: Path) -> dict[str, Template]:
             raise TemplateError(f"{path}: template name {template.name!r} is also used by {first}")
         templates[template.name] = template
     return templates
-
-
-def builtin_templates_dir() -> Path:
-    """The shipped templates: `ptst/templates/` installed, the repository's `templates/` in a
-    checkout (`ptst/` links there, and resolving this file leaves the link)."""
-    return Path(__file__).resolve().parent.parent / "templates"
 
 
 def _smoke_test(template: Template, path: Path) -> None:

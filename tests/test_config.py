@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ptst.proxy.config import ConfigError, load_settings
+from ptst.proxy.config import ConfigError, builtin_templates_dir, load_settings
 from ptst.proxy.state import SnapshotError, build_snapshot
 from tests.servers import PTST, ROOT
 
@@ -98,3 +98,10 @@ def test_serve_exits_with_a_clear_error(tmp_path: Path) -> None:
         timeout=60,
     )
     assert missing.returncode == 2 and "cannot read config" in missing.stderr
+
+
+def test_templates_default_to_the_shipped_ones(tmp_path: Path) -> None:
+    path = tmp_path / "ptst.yaml"
+    path.write_text(yaml.safe_dump({"routes": [{"model": "m", "upstream": "http://x/v1"}]}))
+    assert load_settings(path).templates_dir == builtin_templates_dir()
+    assert (builtin_templates_dir() / "chat-llama.yaml").is_file()

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from ptst.commands.cli import main
 from ptst.commands import logs as logs_cli
+from ptst.commands.cli import main
 from ptst.proxy.audit import SqliteSink
 from ptst.proxy.record import LogRecord
 

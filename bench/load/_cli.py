@@ -31,9 +31,18 @@ def _floats(text: str) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8080/v1")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
-    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    parser.add_argument("--model", required=True, help="model name (or proxy route) to request")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="bearer token (default: $OPENAI_API_KEY)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        choices=["chat", "completions"],
+        default="chat",
+        help="API to load (default: chat)",
+    )
     levels = parser.add_mutually_exclusive_group()
     levels.add_argument("--concurrency", type=_floats, help="closed-loop levels, e.g. 1,4,16")
     levels.add_argument("--rate", type=_floats, help="open-loop Poisson rates (req/s), e.g. 2,4,8")
@@ -43,17 +52,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="model folder for AutoTokenizer (else ~4 chars/token)")
     parser.add_argument("--prompts", type=Path, help="prompt file (.txt lines, .jsonl, .json)")
     parser.add_argument("--warmup", type=int, default=2, help="uncounted requests per target")
-    parser.add_argument("--no-stream", action="store_true")
+    parser.add_argument(
+        "--no-stream", action="store_true", help="whole answers (no TTFT, ITL or TPOT then)"
+    )
     parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM)")
     parser.add_argument("--compare", help="a second base URL measured in the same run")
     parser.add_argument("--compare-model", help="model name at --compare (default: --model)")
     parser.add_argument("--compare-api-key", help="API key for --compare (default: --api-key)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds with --compare")
-    parser.add_argument("--out", type=Path, default=Path("results"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, default=Path("results"), help="results root (default: results/)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="prompts and arrivals (default: 0)")
     parser.add_argument("--label", help="name of the base target in the report (default: base)")
-    parser.add_argument("--compare-label", default="compare")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--compare-label", default="compare", help="name of the --compare target in the report"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
