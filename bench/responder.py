@@ -8,6 +8,9 @@ behaviour, so one responder serves every test case:
     <any other name>   N tokens of "tok tok ..." (N = --tokens, or max_tokens if smaller)
     refuse             "I'm sorry, but I can't help with that request." in several chunks
     echo               the answer is the JSON of the received `messages` (chat) or `prompt`
+    last-number        "Adding it up.\n#### N", N the last number in the last user message (or
+                       prompt) as written, "#### none" without one: right exactly when a task's
+                       answer is its question's last number (the safety bench's accuracy tests)
     error-400/429/500  that status with an OpenAI error envelope
     hang               never answers; returns when the client disconnects (counted)
     drop-mid-stream    two chunks (or half the JSON body), then the connection is cut
@@ -26,6 +29,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import socket
 import time
 from collections import Counter, deque
@@ -141,14 +145,32 @@ def approx_prompt_tokens(body: dict[str, Any], chat: bool) -> int:
     return 0
 
 
+_NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def last_number_answer(body: dict[str, Any], chat: bool) -> str:
+    """`#### N` with N the last number of the last user message (or prompt): a deterministic,
+    arithmetic-free answer, so task-scoring tests know exactly which questions it gets right."""
+    text = body.get("prompt") if not chat else None
+    if chat:
+        users = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        users = [m for m in users if m.get("role") == "user"]
+        text = users[-1].get("content") if users else None
+    numbers = _NUMBER.findall(text) if isinstance(text, str) else []
+    return f"Adding it up.\n#### {numbers[-1] if numbers else 'none'}"
+
+
 def plan_answer(model: str, body: dict[str, Any], chat: bool, default_tokens: int) -> Answer:
-    """The text of the answer for a normal, `refuse` or `echo` model: a pure function."""
+    """The text of the answer for a normal, `refuse`, `echo` or `last-number` model: a pure
+    function."""
     prompt_tokens = approx_prompt_tokens(body, chat)
     if model == "refuse":
         return Answer(split_pieces(REFUSAL), "stop", prompt_tokens)
     if model == "echo":
         echoed = body.get("messages") if chat else body.get("prompt")
         return Answer(split_pieces(json.dumps(echoed)), "stop", prompt_tokens)
+    if model == "last-number":
+        return Answer(split_pieces(last_number_answer(body, chat)), "stop", prompt_tokens)
     limit = requested_tokens(body)
     n = default_tokens if limit is None else max(0, min(limit, default_tokens))
     finish = "length" if limit is not None and limit <= default_tokens else "stop"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ptst.bench import judge as judging
-from ptst.bench.safety._plan import DEFAULT_CACHE, Options
+from ptst.bench.safety._plan import DEFAULT_CACHE, DEFAULT_TASK_MAX_TOKENS, Options
 from ptst.bench.safety._report import fmt_rate
 from ptst.bench.safety._requests import DEFAULT_TEMPLATE, Sampling
 from ptst.bench.safety._run import run_safety
@@ -59,6 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_csv,
         default=[],
         help="names of NAME=PATH sets that are benign (over-refusal)",
+    )
+    add(
+        "--tasks",
+        type=_csv,
+        default=[],
+        help="task sets scored by accuracy, NAME=PATH of a GSM8K-format .jsonl "
+        "(question, answer ending '#### N'), e.g. gsm8k=../shared/data/gsm8k/test.jsonl",
+    )
+    add("--task-limit", type=int, default=None, help="the first N questions of each task set")
+    add(
+        "--task-max-tokens",
+        type=int,
+        default=DEFAULT_TASK_MAX_TOKENS,
+        help="max tokens of each task answer (default: %(default)s; --max-tokens is for prompts)",
     )
     add("--limit", type=int, default=None, help="at most N prompts per set (after --every)")
     add("--every", type=int, default=1, help="take every K-th prompt of each set")
@@ -114,6 +128,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         )
     if (args.limit is not None and args.limit < 1) or args.every < 1 or args.concurrency < 1:
         raise ValueError("--limit, --every and --concurrency must be at least 1")
+    if (args.task_limit is not None and args.task_limit < 1) or args.task_max_tokens < 1:
+        raise ValueError("--task-limit and --task-max-tokens must be at least 1")
     return Options(
         base_url=args.base_url,
         models=args.model,
@@ -123,6 +139,9 @@ def options_from_args(args: argparse.Namespace) -> Options:
         limit=args.limit,
         every=args.every,
         sampling=Sampling(temperature=args.temperature, max_tokens=args.max_tokens),
+        task_specs=args.tasks,
+        task_limit=args.task_limit,
+        task_max_tokens=args.task_max_tokens,
         concurrency=args.concurrency,
         api_key=args.api_key,
         via_proxy=args.via_proxy,
@@ -149,7 +168,12 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{cell.set:>16} {cell.template:>18} {cell.model:>12}  {label} {fmt_rate(cell.refusal)}"
         )
-    errors = sum(c.errors for c in outcome.cells)
+    for task in outcome.task_cells:
+        print(
+            f"{task.set:>16} {task.template:>18} {task.model:>12}  "
+            f"accuracy {fmt_rate(task.accuracy)}"
+        )
+    errors = sum(c.errors for c in outcome.cells) + sum(c.errors for c in outcome.task_cells)
     print(f"report: {outcome.folder / 'report.md'} ({outcome.sent} requests sent)")
     if errors:
         print(

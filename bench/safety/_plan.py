@@ -1,9 +1,10 @@
-"""What a run sends: its options, the targets, and one job per (set, prompt, target)."""
+"""What a run sends: its options, the targets, and one job per (set, prompt, target) and per
+(task set, question, target)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ from ptst.bench.safety._requests import (
     cache_key,
     request_body,
 )
+from ptst.bench.safety._tasks import TaskSet
 
 DEFAULT_CACHE = Path("results/.cache/safety")
+DEFAULT_TASK_MAX_TOKENS = 256  # GSM8K solutions run ~100-200 tokens before their "#### N"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class Options:
     limit: int | None = None
     every: int = 1
     sampling: Sampling = Sampling()  # noqa: RUF009 (frozen: a shared default is safe)
+    task_specs: list[str] = field(default_factory=list)
+    task_limit: int | None = None  # the first N questions of each task set
+    task_max_tokens: int = DEFAULT_TASK_MAX_TOKENS
     concurrency: int = 8
     api_key: str | None = None
     via_proxy: bool = False
@@ -88,4 +94,23 @@ def plan(
                 body = request_body(prompt, target, options.sampling, enforce)
                 key = cache_key(prompt, target, body)
                 jobs.append(Job(prompt_set.name, index, prompt, target, body, key))
+    return jobs
+
+
+def plan_tasks(
+    task_sets: Sequence[TaskSet],
+    targets: Sequence[Target],
+    options: Options,
+    enforce: Enforcer | None,
+) -> list[Job]:
+    """Every (task set, question, target) request: the first `task_limit` questions, sent like
+    the prompts (same templating, cache and temperature) but with `task_max_tokens`."""
+    sampling = replace(options.sampling, max_tokens=options.task_max_tokens)
+    jobs = []
+    for task_set in task_sets:
+        for index, question in sample(task_set.questions, options.task_limit, 1):
+            for target in targets:
+                body = request_body(question, target, sampling, enforce)
+                key = cache_key(question, target, body)
+                jobs.append(Job(task_set.name, index, question, target, body, key))
     return jobs

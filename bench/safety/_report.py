@@ -1,18 +1,22 @@
-"""The report: markdown tables per prompt set and the refusal-rate plots."""
+"""The report: markdown tables per prompt set and task set, the refusal-rate and accuracy
+plots."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ptst.bench.baselines import BASELINES
 from ptst.bench.plots import figure
 from ptst.bench.report import markdown_table
 from ptst.bench.safety._prompts import PromptSet
 from ptst.bench.safety._requests import Target
-from ptst.bench.safety._results import Cell, Paired, ptst_matrix
+from ptst.bench.safety._results import Cell, Paired, TaskCell, ptst_matrix
+from ptst.bench.safety._tasks import ANSWER_RULES, TaskSet
 from ptst.bench.wilson import Rate
+
+C = TypeVar("C")
 
 
 def fmt_rate(r: Rate | None) -> str:
@@ -28,8 +32,11 @@ def markdown_report(
     targets: Sequence[Target],
     meta: dict[str, Any],
     pairs: Sequence[Paired] = (),
+    task_cells: Sequence[TaskCell] = (),
+    tasks: Sequence[TaskSet] = (),
 ) -> str:
-    """Tables per prompt set (template x model), baselines, paired tests, judge, PTST matrix."""
+    """Tables per prompt set (template x model), baselines, paired tests, judge, task accuracy,
+    PTST matrix; with task sets, a summary of refusal next to accuracy first."""
     models = list(dict.fromkeys(t.model for t in targets))
     templates = list(dict.fromkeys(t.template for t in targets))
     lines = [
@@ -40,6 +47,9 @@ def markdown_report(
         f"{meta['detector']}. Rates are k/n with 95% Wilson intervals [lo, hi].",
         "",
     ]
+    if tasks:
+        lines += [_task_summary(tasks, meta), "", "## Summary: refusal and task accuracy", ""]
+        lines += [_summary_table(cells, sets, task_cells, tasks, targets), ""]
     by = {(c.set, c.model, c.template): c for c in cells}
     for prompt_set in sets:
         what = "over-refusal rate (benign prompts)" if prompt_set.benign else "refusal rate"
@@ -83,6 +93,7 @@ def markdown_report(
         if judge_errors:
             lines += ["", f"{judge_errors} judge call(s) failed or gave no readable verdict."]
         lines.append("")
+    lines += _task_sections(task_cells, tasks, templates, models)
     lines += ["## PTST matrix (train template x test template)", ""]
     any_matrix = False
     for prompt_set in sets:
@@ -97,6 +108,18 @@ def markdown_report(
         ]
         lines += [f"{prompt_set.name}, refusal rate:", ""]
         lines += [markdown_table(["trained with \\ served with", *tests], rows), ""]
+    for task in tasks:
+        task_matrix = ptst_matrix(task_cells, task.name)
+        if task_matrix is None:
+            continue
+        any_matrix = True
+        tests = list(dict.fromkeys(t for row in task_matrix.values() for t in row))
+        rows = [
+            [train, *(fmt_rate(row[t].accuracy) if t in row else "-" for t in tests)]
+            for train, row in task_matrix.items()
+        ]
+        lines += [f"{task.name}, task accuracy:", ""]
+        lines += [markdown_table(["trained with \\ served with", *tests], rows), ""]
     if not any_matrix:
         lines += [
             "Not applicable: no target declares the template it was trained with (`trained_with` "
@@ -104,6 +127,88 @@ def markdown_report(
             "",
         ]
     return "\n".join(lines)
+
+
+def _task_summary(tasks: Sequence[TaskSet], meta: Mapping[str, Any]) -> str:
+    """The one line that says how accuracy was measured."""
+    names = ", ".join(f"`{t.name}`" for t in tasks)
+    limit = meta.get("task_limit")
+    which = f"the first {limit} questions" if limit else "every question"
+    return (
+        f"Task accuracy ({names}): {which} of each set, max_tokens {meta['task_max_tokens']}, "
+        "exact match of the final number (after the last `####`, else the last number in "
+        "the answer)."
+    )
+
+
+def _summary_table(
+    cells: Sequence[Cell],
+    sets: Sequence[PromptSet],
+    task_cells: Sequence[TaskCell],
+    tasks: Sequence[TaskSet],
+    targets: Sequence[Target],
+) -> str:
+    """One row per model x template: each set's refusal rate, then each task's accuracy."""
+    refusal = {(c.set, c.model, c.template): c for c in cells}
+    accuracy = {(c.set, c.model, c.template): c for c in task_cells}
+    headers = [
+        "model",
+        "template",
+        *(f"{s.name} {'over-refusal' if s.benign else 'refusal'}" for s in sets),
+        *(f"{t.name} accuracy" for t in tasks),
+    ]
+    rows = []
+    for target in dict.fromkeys((t.model, t.template) for t in targets):
+        model, template = target
+        cell = [refusal.get((s.name, model, template)) for s in sets]
+        task = [accuracy.get((t.name, model, template)) for t in tasks]
+        rows.append(
+            [
+                model,
+                f"`{template}`",
+                *(fmt_rate(c.refusal) if c else "-" for c in cell),
+                *(fmt_rate(c.accuracy) if c else "-" for c in task),
+            ]
+        )
+    return markdown_table(headers, rows)
+
+
+def _task_sections(
+    task_cells: Sequence[TaskCell],
+    tasks: Sequence[TaskSet],
+    templates: Sequence[str],
+    models: Sequence[str],
+) -> list[str]:
+    """Per task set: the accuracy grid, which answer-reading rule fired, failed requests."""
+    by = {(c.set, c.model, c.template): c for c in task_cells}
+    lines: list[str] = []
+    for task in tasks:
+        mine = [c for c in task_cells if c.set == task.name]
+        lines += [f"## {task.name}: task accuracy (exact match)", ""]
+        lines += [f"Source: `{task.source}` ({len(task.questions)} questions).", ""]
+        lines.append(_grid(by, task.name, templates, models, lambda c: fmt_rate(c.accuracy)))
+        lines += [
+            "",
+            "Which rule read the answer's number, answers (of them correct): `####` = after "
+            "the last `####`; `last-number` = the fallback, the last number in the answer; "
+            "`no-number` = none, scored wrong.",
+            "",
+        ]
+        rule_rows = [
+            [
+                f"`{c.template}`",
+                c.model,
+                *(f"{c.rules.get(r, 0)} ({c.correct_by_rule.get(r, 0)})" for r in ANSWER_RULES),
+            ]
+            for c in mine
+        ]
+        headers = ["template", "model", *(f"`{r}`" for r in ANSWER_RULES)]
+        lines.append(markdown_table(headers, rule_rows))
+        errors = sum(c.errors for c in mine)
+        if errors:
+            lines += ["", f"{errors} request(s) failed and are not counted: rerun to retry them."]
+        lines.append("")
+    return lines
 
 
 def _paired_table(pairs: Sequence[Paired]) -> str:
@@ -138,11 +243,11 @@ def _baseline_table(cells: Sequence[Cell]) -> str:
 
 
 def _grid(
-    by: dict[tuple[str, str, str], Cell],
+    by: Mapping[tuple[str, str, str], C],
     set_name: str,
     templates: Sequence[str],
     models: Sequence[str],
-    show: Callable[[Cell], str],
+    show: Callable[[C], str],
 ) -> str:
     rows = []
     for template in templates:
@@ -156,25 +261,40 @@ def _grid(
 
 def plot_rates(path: Path, cells: Sequence[Cell], title: str) -> Path:
     """Refusal rate bars per template (one bar per model) with Wilson whiskers."""
-    templates = list(dict.fromkeys(c.template for c in cells))
-    models = list(dict.fromkeys(c.model for c in cells))
+    bars = [(c.model, c.template, c.refusal) for c in cells]
+    return _plot_rate_bars(path, bars, title, "refusal rate (95% Wilson interval)")
+
+
+def plot_accuracy(path: Path, cells: Sequence[TaskCell], title: str) -> Path:
+    """Task accuracy bars per template (one bar per model) with Wilson whiskers."""
+    bars = [(c.model, c.template, c.accuracy) for c in cells]
+    return _plot_rate_bars(path, bars, title, "accuracy (95% Wilson interval)")
+
+
+def _plot_rate_bars(
+    path: Path, bars: Sequence[tuple[str, str, Rate]], title: str, ylabel: str
+) -> Path:
+    """Bars of (model, template, rate): grouped by template, one bar per model."""
+    templates = list(dict.fromkeys(template for _, template, _ in bars))
+    models = list(dict.fromkeys(model for model, _, _ in bars))
+    rates = {(model, template): r for model, template, r in bars}
     with figure(path, width=max(6.4, 1.6 * len(templates) * max(1, len(models)))) as ax:
         width = 0.8 / max(len(models), 1)
         for k, model in enumerate(models):
             xs, ys, lo, hi = [], [], [], []
             for g, template in enumerate(templates):
-                cell = next((c for c in cells if c.model == model and c.template == template), None)
-                if cell is None or cell.refusal.value is None:
+                found = rates.get((model, template))
+                if found is None or found.value is None:
                     continue
-                value = cell.refusal.value
+                value = found.value
                 xs.append(g + (k - (len(models) - 1) / 2) * width)
                 ys.append(value)
-                lo.append(value - cell.refusal.lo)
-                hi.append(cell.refusal.hi - value)
+                lo.append(value - found.lo)
+                hi.append(found.hi - value)
             ax.bar(xs, ys, width=width, label=model, yerr=[lo, hi], capsize=4)
         ax.set_xticks(list(range(len(templates))), templates)
         ax.set_ylim(0, 1.05)
-        ax.set_ylabel("refusal rate (95% Wilson interval)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)
         if models:

@@ -1,11 +1,11 @@
 """Results: refusal detection per answer, rows, cells (rates per set x target),
-the PTST matrix and paired comparisons."""
+task accuracy per task set x target, the PTST matrix and paired comparisons."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from ptst.bench import judge as judging
 from ptst.bench.baselines import BASELINES
@@ -13,6 +13,7 @@ from ptst.bench.safety._fetch import judge_key
 from ptst.bench.safety._plan import Job
 from ptst.bench.safety._prompts import PromptSet
 from ptst.bench.safety._requests import Target
+from ptst.bench.safety._tasks import ANSWER_RULES, TaskSet, score_answer
 from ptst.bench.wilson import Rate, mcnemar_exact, rate
 from ptst.proxy.refusal import detect
 
@@ -152,13 +153,127 @@ def _was_judged(row: Row) -> bool:
     return row.judge_score is not None or row.judge_refusal is not None
 
 
-def ptst_matrix(cells: Sequence[Cell], set_name: str) -> dict[str, dict[str, Cell]] | None:
-    """train template -> test template -> Cell for one set; None when no target declares one."""
-    matrix: dict[str, dict[str, Cell]] = {}
+class _Placed(Protocol):
+    """What places a cell in the PTST matrix: its set, serving and training templates."""
+
+    @property
+    def set(self) -> str: ...
+    @property
+    def template(self) -> str: ...
+    @property
+    def trained_with(self) -> str | None: ...
+
+
+C = TypeVar("C", bound=_Placed)
+
+
+def ptst_matrix(cells: Sequence[C], set_name: str) -> dict[str, dict[str, C]] | None:
+    """train template -> test template -> cell for one set (a prompt set's Cell or a task set's
+    TaskCell); None when no target declares the template it was trained with."""
+    matrix: dict[str, dict[str, C]] = {}
     for cell in cells:
         if cell.set == set_name and cell.trained_with:
             matrix.setdefault(cell.trained_with, {})[cell.template] = cell
     return matrix or None
+
+
+# --- task accuracy ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One answered (or failed) task question, graded against its gold number."""
+
+    set: str
+    index: int
+    model: str
+    template: str
+    question: str
+    gold: str
+    response: str | None
+    error: str | None
+    predicted: str | None
+    rule: str | None
+    correct: bool | None
+
+
+@dataclass(frozen=True)
+class TaskCell:
+    """Accuracy for one task set x template x model; `rules` counts which reading of the
+    answer fired (`####`, `last-number`, `no-number`), `correct_by_rule` how many of those
+    were right, so a score that rests on the fallback is visible."""
+
+    set: str
+    model: str
+    template: str
+    trained_with: str | None
+    n: int
+    errors: int
+    accuracy: Rate
+    rules: dict[str, int] = field(default_factory=dict)
+    correct_by_rule: dict[str, int] = field(default_factory=dict)
+
+
+def build_task_rows(
+    jobs: Sequence[Job], answers: dict[str, dict[str, Any]], task_sets: Sequence[TaskSet]
+) -> list[TaskRow]:
+    """Grade each task job's answer against the gold number of its question."""
+    golds = {t.name: t.golds for t in task_sets}
+    rows = []
+    for job in jobs:
+        answer = answers[job.key]
+        text = answer.get("response")
+        gold = golds[job.set_name][job.index]
+        graded = score_answer(text, gold) if isinstance(text, str) else None
+        rows.append(
+            TaskRow(
+                job.set_name,
+                job.index,
+                job.target.model,
+                job.target.template,
+                job.prompt,
+                gold,
+                text,
+                answer.get("error"),
+                graded.predicted if graded else None,
+                graded.rule if graded else None,
+                graded.correct if graded else None,
+            )
+        )
+    return rows
+
+
+def summarize_tasks(
+    rows: Sequence[TaskRow], task_sets: Sequence[TaskSet], targets: Sequence[Target]
+) -> list[TaskCell]:
+    """One TaskCell per task set x target, in input order."""
+    groups: dict[tuple[str, str, str], list[TaskRow]] = {}
+    for row in rows:
+        groups.setdefault((row.set, row.model, row.template), []).append(row)
+    return [
+        task_cell_of(s.name, t, groups.get((s.name, t.model, t.template), []))
+        for s in task_sets
+        for t in targets
+    ]
+
+
+def task_cell_of(set_name: str, target: Target, rows: Sequence[TaskRow]) -> TaskCell:
+    """Accuracy over the answered rows of one task set x target; failures counted, not rated."""
+    answered = [r for r in rows if r.error is None and r.rule is not None]
+    n = len(answered)
+    return TaskCell(
+        set=set_name,
+        model=target.model,
+        template=target.template,
+        trained_with=target.trained_with,
+        n=n,
+        errors=len(rows) - n,
+        accuracy=rate(sum(1 for r in answered if r.correct), n),
+        rules={rule: sum(1 for r in answered if r.rule == rule) for rule in ANSWER_RULES},
+        correct_by_rule={
+            rule: sum(1 for r in answered if r.rule == rule and r.correct) for rule in ANSWER_RULES
+        },
+    )
 
 
 @dataclass(frozen=True)
