@@ -7,7 +7,7 @@ It starts what it needs on free loopback ports (the test responder, `ptst serve`
 worker) and stops it afterwards. Both targets run in alternating rounds (ABBA), so machine
 noise (other processes on these 2 cores) hits both alike.
 
-- fast: non-streaming chat requests over 32 keep-alive connections to `bench.responder`,
+- fast: non-streaming chat requests over 32 keep-alive connections to `ptst.bench.responder`,
   direct vs through the proxy, with the raw generator of bench/blaster.py, in three phases:
   a closed loop (capacity: requests/s), an open loop at --rate requests/s (default 1,500, the
   throughput target: the latency the proxy adds at that load), and a closed loop on one
