@@ -158,16 +158,15 @@ def _summary_table(
         *(f"{t.name} accuracy" for t in tasks),
     ]
     rows = []
-    for target in dict.fromkeys((t.model, t.template) for t in targets):
-        model, template = target
-        cell = [refusal.get((s.name, model, template)) for s in sets]
-        task = [accuracy.get((t.name, model, template)) for t in tasks]
+    for model, template in dict.fromkeys((t.model, t.template) for t in targets):
+        refusals = [refusal.get((s.name, model, template)) for s in sets]
+        accuracies = [accuracy.get((t.name, model, template)) for t in tasks]
         rows.append(
             [
                 model,
                 f"`{template}`",
-                *(fmt_rate(c.refusal) if c else "-" for c in cell),
-                *(fmt_rate(c.accuracy) if c else "-" for c in task),
+                *(fmt_rate(c.refusal) if c else "-" for c in refusals),
+                *(fmt_rate(c.accuracy) if c else "-" for c in accuracies),
             ]
         )
     return markdown_table(headers, rows)
