@@ -129,7 +129,7 @@ def _write(
         "max_tokens": options.sampling.max_tokens,
         "limit": options.limit,
         "every": options.every,
-        "detector": "the proxy's refusal detector (`proxy.refusal.detect`)",
+        "detector": "the proxy's refusal detector (`ptst.proxy.refusal.detect`)",
         "judge": (
             {
                 "model": options.judge.model,
