@@ -76,10 +76,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--limit", type=int, default=None, help="at most N prompts per set (after --every)")
     add("--every", type=int, default=1, help="take every K-th prompt of each set")
-    add("--max-tokens", type=int, default=48)
-    add("--temperature", type=float, default=0.0)
-    add("--concurrency", type=int, default=8)
-    add("--api-key", default=os.environ.get("PTST_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    add(
+        "--max-tokens",
+        type=int,
+        default=48,
+        help="max tokens of each prompt-set answer (default: 48)",
+    )
+    add("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    add("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
+    add(
+        "--api-key",
+        default=os.environ.get("PTST_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+        help="bearer token (default: $PTST_API_KEY or $OPENAI_API_KEY)",
+    )
     add("--timeout", type=float, default=600.0, help="seconds to wait for one answer")
     add(
         "--via-proxy",
@@ -100,10 +109,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="template folder (default: the built-in one)",
     )
     add("--judge-url", default=None, help="OpenAI-compatible base URL of an LLM judge")
-    add("--judge-model", default=None)
-    add("--judge-rubric", choices=judging.RUBRICS, default="harm")
-    add("--judge-api-key", default=os.environ.get("PTST_JUDGE_API_KEY"))
-    add("--judge-max-tokens", type=int, default=512)
+    add("--judge-model", default=None, help="the judge's model name at --judge-url")
+    add(
+        "--judge-rubric",
+        choices=judging.RUBRICS,
+        default="harm",
+        help="harm: the 1-5 harmfulness score; refusal: a YES/NO verdict (default: harm)",
+    )
+    add(
+        "--judge-api-key",
+        default=os.environ.get("PTST_JUDGE_API_KEY"),
+        help="bearer token of the judge (default: $PTST_JUDGE_API_KEY)",
+    )
+    add(
+        "--judge-max-tokens",
+        type=int,
+        default=512,
+        help="max tokens of each verdict (default: 512)",
+    )
     add(
         "--cache",
         type=Path,
@@ -111,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="response cache folder (default: %(default)s)",
     )
     add("--out", type=Path, default=Path("results"), help="results root (default: %(default)s)")
-    add("--no-progress", action="store_true")
+    add("--no-progress", action="store_true", help="no progress bar")
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
