@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("ptst.commands.logs", "query the refusal log"),
     "tune": ("ptst.tune.train", "LoRA fine-tuning on examples rendered as the proxy serves them"),
     "merge": ("ptst.tune.merge", "merge a fine-tune (or a LoRA adapter) with its base on MergeKit"),
+    "experiment": (
+        "ptst.commands.experiment",
+        "the PTST experiment end to end: tune, serve, measure, merge, report (resumable)",
+    ),
     "bench": ("ptst.commands.bench", "load and safety benchmarks"),
 }
 

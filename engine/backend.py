@@ -45,10 +45,16 @@ class BackendConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     lora: list[str] = field(default_factory=list)  # NAME=PATH
+    # LoRA adapters may also be loaded while it runs (POST /v1/load_lora_adapter), up to
+    # `max_loras` in one batch (vLLM's default of 1 makes requests for a second adapter wait).
+    runtime_lora: bool = False
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
     max_model_len: int | None = None
     extra_args: list[str] = field(default_factory=list)
     startup_timeout: float = 900.0
     log_prefix: str = "[vllm] "
+    log_file: Path | None = None  # vLLM's output copied here as well
 
     @property
     def base_url(self) -> str:
@@ -95,20 +101,23 @@ def vllm_command(cfg: BackendConfig) -> list[str]:
         cmd += ["--served-model-name", cfg.served_model_name]
     if cfg.max_model_len:
         cmd += ["--max-model-len", str(cfg.max_model_len)]
-    if cfg.lora:
-        ranks = []
-        cmd += ["--enable-lora", "--lora-modules", *cfg.lora]
-        for item in cfg.lora:
-            ranks.append(_adapter_rank(Path(item.split("=", 1)[1])))
-        if max(ranks, default=0) > 16:
-            cmd += ["--max-lora-rank", str(max(ranks))]
+    if cfg.lora or cfg.runtime_lora:
+        cmd += ["--enable-lora", "--max-loras", str(cfg.max_loras or max(len(cfg.lora), 1))]
+        if cfg.lora:
+            cmd += ["--lora-modules", *cfg.lora]
+        ranks = [_adapter_rank(Path(item.split("=", 1)[1])) for item in cfg.lora]
+        rank = max([cfg.max_lora_rank or 0, *ranks])
+        if rank > 16:  # vLLM's default maximum
+            cmd += ["--max-lora-rank", str(rank)]
     if device() == "cpu" and "--dtype" not in cfg.extra_args:
         cmd += ["--dtype", cpu_dtype()]
     return cmd + cfg.extra_args
 
 
-def vllm_env() -> dict[str, str]:
+def vllm_env(cfg: BackendConfig | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if cfg is not None and cfg.runtime_lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if device() == "cpu":
         env.setdefault(
             "VLLM_CPU_KVCACHE_SPACE", "2"
@@ -166,8 +175,9 @@ class Backend:
         self.child = Child(
             "vllm",
             vllm_command(self.cfg),
-            env=vllm_env(),
+            env=vllm_env(self.cfg),
             echo_prefix=self.cfg.log_prefix if self.echo else None,
+            log_file=self.cfg.log_file,
             keep=200,
         )
 
@@ -295,3 +305,17 @@ def run(args: argparse.Namespace) -> int:
             return 0
         finally:
             backend.stop()
+
+
+def load_lora(base_url: str, name: str, path: Path, timeout: float = 300.0) -> None:
+    """Load a LoRA adapter into a running vLLM started with `runtime_lora` (its
+    `/v1/load_lora_adapter`); already loaded under that name counts as done."""
+    import httpx
+
+    reply = httpx.post(
+        f"{base_url.rstrip('/')}/load_lora_adapter",
+        json={"lora_name": name, "lora_path": str(Path(path).resolve())},
+        timeout=timeout,
+    )
+    if reply.status_code != 200 and "already" not in reply.text.lower():
+        raise BackendError(f"vLLM did not load adapter {name!r} from {path}: {reply.text[:300]}")

@@ -1,0 +1,269 @@
+"""`ptst experiment ptst`: the PTST experiment on this machine, end to end and resumable.
+
+    ptst experiment ptst [--preset full|smoke] [--out DIR] [--vllm-url URL]
+
+Stages, each skipped when its output is complete, so a stopped run continues where it stopped
+(and the safety bench's cache resumes a stage answer by answer):
+
+    tune    LoRA on a GSM8K training subset (benign task data only), rendered once with
+            chat:vanilla and once with chat:llama (`ptst tune`)
+    matrix  one vLLM server with the base model and both adapters; `ptst bench safety` over
+            train {base, chat:vanilla, chat:llama} x test {chat:vanilla, chat:llama,
+            chat:llama-short}: AdvBench refusal rate and GSM8K accuracy, Wilson intervals,
+            paired tests between templates
+    merge   `ptst merge` (MergeKit, linear) of the chat:llama fine-tune with its base at each
+            λ; each merged folder is served by vLLM and measured under chat:llama
+    report  report.md, results.json and merge-curve.png: the matrix, the curve, the commands,
+            the machine and the time of each stage
+
+Every stage is a `ptst` command run as a child process, so the report's commands are the ones
+that ran. `--vllm-url` measures the matrix on a running vLLM started with runtime LoRA loading
+(the test suite's); merges are then produced but not served (a vLLM start per merge does not fit
+the smoke preset's time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ptst.bench.report import run_info, to_jsonable
+from ptst.commands import experiment_report as report
+from ptst.engine.backend import Backend, BackendConfig, load_lora
+from ptst.engine.demo_model import ensure_model
+from ptst.engine.process import free_port
+from ptst.tune.manifest import read_manifest
+
+PTST = [sys.executable, "-m", "ptst"]
+SHARED = Path("../shared/data")
+TRAIN = {"vanilla": "chat:vanilla", "llama": "chat:llama"}  # adapter name -> training template
+TESTS = ("chat:vanilla", "chat:llama", "chat:llama-short")
+BASE = "base"
+MERGED_FROM = "llama"  # the merge sweep takes the fine-tune trained with the safety prompt
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str  # a `ptst demo-model` name
+    train_limit: int  # GSM8K training examples
+    max_steps: int
+    batch_size: int
+    lr: float
+    advbench_every: int  # every K-th AdvBench prompt
+    gsm8k_limit: int  # the first N GSM8K test questions
+    max_tokens: int  # per AdvBench answer
+    task_max_tokens: int  # per GSM8K answer
+    lambdas: tuple[float, ...]  # the merge sweep (0 is the base, measured in the matrix)
+    concurrency: int
+    max_model_len: int
+
+
+PRESETS = {
+    "full": Preset(
+        model="qwen2.5-coder-0.5b",
+        train_limit=240,
+        max_steps=60,
+        batch_size=4,
+        lr=2e-4,
+        advbench_every=5,
+        gsm8k_limit=60,
+        max_tokens=48,
+        task_max_tokens=256,
+        lambdas=(0.25, 0.5, 0.75, 1.0),
+        concurrency=32,
+        max_model_len=2048,
+    ),
+    "smoke": Preset(
+        model="smollm2-135m",
+        train_limit=8,
+        max_steps=2,
+        batch_size=2,
+        lr=1e-3,
+        advbench_every=130,
+        gsm8k_limit=2,
+        max_tokens=8,
+        task_max_tokens=16,
+        lambdas=(0.5,),
+        concurrency=8,
+        max_model_len=1024,
+    ),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=["ptst"], help="the experiment (ptst: Lyu et al. 2024)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="full",
+        help="full: Qwen2.5-Coder-0.5B, sized for about 2 hours on 2 CPU cores; smoke: SmolLM2, "
+        "a few steps and prompts (default: full)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="the run's folder (default: results/ptst-PRESET)"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=SHARED, help="folder with gsm8k/ and the AdvBench CSV"
+    )
+    parser.add_argument(
+        "--vllm-url",
+        default=None,
+        help="measure the matrix on this running vLLM (started with runtime LoRA loading) "
+        "instead of starting one; merges are then not served",
+    )
+    parser.add_argument(
+        "--vllm-model", default="smollm2", help="the base model's name at --vllm-url"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    preset = PRESETS[args.preset]
+    out: Path = (args.out or Path("results") / f"ptst-{args.preset}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    experiment = Run(out, preset, args.data.resolve())
+    model = ensure_model(preset.model)
+    with experiment.stage("tune"):
+        adapters = {name: experiment.tune(model, name, t) for name, t in TRAIN.items()}
+    with experiment.stage("matrix"):
+        served = {BASE: args.vllm_model if args.vllm_url else BASE} | {n: n for n in adapters}
+        if args.vllm_url:
+            for name, folder in adapters.items():
+                load_lora(args.vllm_url, name, folder)
+            matrix = experiment.bench("matrix", args.vllm_url, served, TESTS)
+        else:
+            lora = [f"{name}={folder}" for name, folder in adapters.items()]
+            with experiment.serve(model, lora) as url:
+                matrix = experiment.bench("matrix", url, served, TESTS)
+    merges: dict[float, Path | None] = {}
+    with experiment.stage("merge"):
+        for weight in preset.lambdas:
+            merged = experiment.merge(model, adapters[MERGED_FROM], weight)
+            merges[weight] = None if args.vllm_url else experiment.measure_merge(merged, weight)
+    with experiment.stage("report"):
+        path = report.write(out, experiment.log, experiment.commands, matrix, merges, run_info())
+    print(f"ptst experiment: report in {path}")
+    return 0
+
+
+class Run:
+    """The run's folder, its stage log (`stages.json`) and the commands it ran."""
+
+    def __init__(self, out: Path, preset: Preset, data: Path) -> None:
+        self.out, self.preset, self.data = out, preset, data
+        self.log_path = out / "stages.json"
+        self.log: dict[str, Any] = (
+            json.loads(self.log_path.read_text()) if self.log_path.is_file() else {}
+        )
+        self.log["preset"] = asdict(preset)
+        self.commands: list[str] = list(self.log.get("commands", []))
+
+    def save(self) -> None:
+        self.log["commands"] = self.commands
+        self.log_path.write_text(json.dumps(to_jsonable(self.log), indent=2) + "\n")
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        print(f"ptst experiment: stage {name}", file=sys.stderr, flush=True)
+        yield
+        stages = self.log.setdefault("stages", {})
+        spent = stages.get(name, {}).get("seconds", 0.0) + time.monotonic() - start
+        stages[name] = {"seconds": round(spent, 1), "finished": time.time()}
+        self.save()
+
+    def ptst(self, *argv: str) -> None:
+        """Run a `ptst` command as a child process; it is logged, and must succeed."""
+        self.commands.append(shlex.join(["ptst", *argv]))
+        self.save()
+        done = subprocess.run([*PTST, *argv], check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"ptst experiment: `ptst {shlex.join(argv)}` failed")
+
+    def tune(self, model: Path, name: str, template: str) -> Path:
+        folder = self.out / "adapters" / name
+        manifest = read_manifest(folder) if folder.is_dir() else None
+        if manifest is not None and manifest.status == "complete":
+            return folder
+        p = self.preset
+        self.ptst(
+            *("tune", "--model", str(model), "--template", template, "--out", str(folder)),
+            *("--data", str(self.data / "gsm8k" / "train.jsonl"), "--limit", str(p.train_limit)),
+            *("--max-steps", str(p.max_steps), "--batch-size", str(p.batch_size)),
+            *("--lr", str(p.lr), "--seed", "0", "--quiet"),
+            *(["--resume"] if manifest is not None else []),
+        )
+        return folder
+
+    def merge(self, model: Path, adapter: Path, weight: float) -> Path:
+        folder = self.out / "merges" / f"lambda-{weight:.2f}"
+        if (folder / "config.json").is_file():
+            return folder
+        self.ptst(
+            *("merge", "--base", str(model), "--lora", str(adapter), "--method", "linear"),
+            *("--weight", str(weight), "--out", str(folder)),
+        )
+        return folder
+
+    @contextmanager
+    def serve(self, model: Path, lora: Sequence[str] = ()) -> Iterator[str]:
+        """A vLLM server for `model` (served as `base`) and these adapters; yields its URL."""
+        cfg = BackendConfig(
+            model=model,
+            served_model_name=BASE,
+            port=free_port(),
+            lora=list(lora),
+            max_model_len=self.preset.max_model_len,
+            log_file=self.out / "vllm.log",
+        )
+        self.commands.append(shlex.join(["ptst", "backend", *_backend_argv(cfg)]))
+        with Backend(cfg, echo=False):
+            yield cfg.base_url
+
+    def bench(
+        self, name: str, url: str, models: dict[str, str], templates: Sequence[str]
+    ) -> dict[str, Any]:
+        """`ptst bench safety` for these models (label -> served name) and test templates."""
+        p = self.preset
+        results = self.out / "bench" / name
+        trained = ",".join(f"{models[m]}={t}" for m, t in TRAIN.items() if m in models)
+        self.ptst(
+            *("bench", "safety", "--base-url", url, "--model", ",".join(models.values())),
+            *("--templates", ",".join(templates)),
+            *("--prompts", f"advbench={self.data / 'advbench_harmful_behaviors.csv'}"),
+            *("--every", str(p.advbench_every), "--max-tokens", str(p.max_tokens)),
+            *("--tasks", f"gsm8k={self.data / 'gsm8k' / 'test.jsonl'}"),
+            *("--task-limit", str(p.gsm8k_limit), "--task-max-tokens", str(p.task_max_tokens)),
+            *("--temperature", "0", "--concurrency", str(p.concurrency), "--no-progress"),
+            *(["--trained-with", trained] if trained else []),
+            *("--cache", str(self.out / "cache"), "--out", str(results)),
+        )
+        newest = max(results.glob("safety-*/results.json"), key=lambda f: f.stat().st_mtime)
+        data: dict[str, Any] = json.loads(newest.read_text())
+        data["labels"] = {served: label for label, served in models.items()}
+        data["folder"] = str(newest.parent)
+        return data
+
+    def measure_merge(self, merged: Path, weight: float) -> Path:
+        name = f"merge-{weight:.2f}"
+        done = self.out / "bench" / name / "done.json"
+        if not done.is_file():
+            with self.serve(merged) as url:
+                data = self.bench(name, url, {f"λ={weight:.2f}": BASE}, ("chat:llama",))
+            done.write_text(json.dumps({"results": data["folder"]}) + "\n")
+        return Path(json.loads(done.read_text())["results"]) / "results.json"
+
+
+def _backend_argv(cfg: BackendConfig) -> list[str]:
+    argv = ["--model", str(cfg.model), "--served-model-name", BASE, "--port", str(cfg.port)]
+    for item in cfg.lora:
+        argv += ["--lora", item]
+    return [*argv, "--max-model-len", str(cfg.max_model_len)]
