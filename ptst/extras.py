@@ -18,6 +18,8 @@ EXTRAS: dict[str, str] = {
     "accelerate": "demo",
     "safetensors": "demo",
     "openai": "dev",
+    "peft": "tune",
+    "mergekit": "tune",
 }
 
 
