@@ -62,7 +62,9 @@ class Preset:
     gsm8k_limit: int  # the first N GSM8K test questions
     max_tokens: int  # per AdvBench answer
     task_max_tokens: int  # per GSM8K answer
-    lambdas: tuple[float, ...]  # the merge sweep (0 is the base, measured in the matrix)
+    # The merge sweep: λ = 0 is the base and λ = 1 the chat:llama fine-tune, both measured in
+    # the matrix (the adapter served equals its merge at λ = 1 up to rounding).
+    lambdas: tuple[float, ...]
     concurrency: int
     max_model_len: int
 
@@ -70,23 +72,23 @@ class Preset:
 PRESETS = {
     "full": Preset(
         model="qwen2.5-coder-0.5b",
-        train_limit=240,
-        max_steps=60,
+        train_limit=160,
+        max_steps=40,
         batch_size=4,
-        lr=2e-4,
-        advbench_every=5,
-        gsm8k_limit=60,
+        lr=3e-4,
+        advbench_every=8,
+        gsm8k_limit=30,
         max_tokens=48,
-        task_max_tokens=256,
-        lambdas=(0.25, 0.5, 0.75, 1.0),
+        task_max_tokens=200,
+        lambdas=(0.25, 0.5, 0.75),
         concurrency=32,
         max_model_len=2048,
     ),
     "smoke": Preset(
         model="smollm2-135m",
-        train_limit=8,
+        train_limit=4,
         max_steps=2,
-        batch_size=2,
+        batch_size=1,
         lr=1e-3,
         advbench_every=130,
         gsm8k_limit=2,

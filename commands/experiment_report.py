@@ -73,15 +73,18 @@ def paired_table(matrix: Mapping[str, Any]) -> str:
 def merge_points(
     matrix: Mapping[str, Any], merges: Mapping[float, Path | None]
 ) -> list[dict[str, Any]]:
-    """One point per λ under chat:llama: λ = 0 is the base model's cell of the matrix."""
-    base = ("base", "chat:llama")
+    """One point per λ under chat:llama: λ = 0 is the matrix's base model, λ = 1 its
+    chat:llama adapter (the fine-tune itself), unless a merge at that λ was measured."""
+    refusal, accuracy = cell_map(matrix, "cells"), cell_map(matrix, "task_cells")
     points = [
         {
-            "lambda": 0.0,
-            "refusal": cell_map(matrix, "cells").get(base, {}).get("refusal"),
-            "accuracy": cell_map(matrix, "task_cells").get(base, {}).get("accuracy"),
-            "source": "the matrix's base x chat:llama cell (λ = 0 is the base weights)",
+            "lambda": weight,
+            "refusal": refusal.get((label, "chat:llama"), {}).get("refusal"),
+            "accuracy": accuracy.get((label, "chat:llama"), {}).get("accuracy"),
+            "source": f"the matrix's {label} x chat:llama cell",
         }
+        for weight, label in ((0.0, "base"), (1.0, "llama"))
+        if weight not in merges
     ]
     for weight, path in sorted(merges.items()):
         if path is None or not path.is_file():
@@ -98,7 +101,7 @@ def merge_points(
                 "source": str(path.parent),
             }
         )
-    return points
+    return sorted(points, key=lambda p: float(p["lambda"]))
 
 
 def plot_curve(path: Path, points: list[dict[str, Any]]) -> Path:

@@ -252,6 +252,17 @@ def add_backend_arguments(parser: argparse.ArgumentParser, model_required: bool)
         help="a LoRA adapter clients select by model=NAME (repeatable)",
     )
     parser.add_argument(
+        "--runtime-lora",
+        action="store_true",
+        help="allow loading LoRA adapters while it runs (POST /v1/load_lora_adapter)",
+    )
+    parser.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        help="adapters in one batch (default: one per --lora, at least 1)",
+    )
+    parser.add_argument(
         "--max-model-len", type=int, default=None, help="context length (default: the model's)"
     )
     parser.add_argument(
@@ -273,6 +284,8 @@ def config_from_args(args: argparse.Namespace, model: Path) -> BackendConfig:
         host=args.host,
         port=args.port,
         lora=args.lora,
+        runtime_lora=args.runtime_lora,
+        max_loras=args.max_loras,
         max_model_len=args.max_model_len,
         extra_args=extra,
         startup_timeout=args.startup_timeout,
