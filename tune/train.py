@@ -383,7 +383,8 @@ def _check_out(out: Path, resume: bool) -> Manifest | None:
         if previous is None or not (out / STATE_NAME).is_file():
             raise TuneError(f"--resume: {out} holds no ptst tune checkpoint")
         return previous
-    if out.exists() and any(out.iterdir()):
+    # a run killed before its first checkpoint leaves only a temporary .checkpoint.* folder
+    if out.exists() and any(not p.name.startswith(".checkpoint.") for p in out.iterdir()):
         raise TuneError(f"{out} exists and is not empty (use --resume to continue a run there)")
     return None
 
