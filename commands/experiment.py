@@ -125,6 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vllm-model", default="smollm2", help="the base model's name at --vllm-url"
     )
+    parser.add_argument(
+        "--serve",
+        choices=["merged", "adapters"],
+        default="merged",
+        help="the matrix's fine-tunes: merged into the base (λ = 1; one vLLM per model, fast "
+        "on CPU) or as LoRA adapters of one vLLM (vLLM CPU's LoRA path is slow) "
+        "(default: merged)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,20 +144,33 @@ def run(args: argparse.Namespace) -> int:
     with experiment.stage("tune"):
         adapters = {name: experiment.tune(model, name, t) for name, t in TRAIN.items()}
     with experiment.stage("matrix"):
-        served = {BASE: args.vllm_model if args.vllm_url else BASE} | {n: n for n in adapters}
-        if args.vllm_url:
+        if args.vllm_url:  # the adapters, loaded into a running vLLM
             for name, folder in adapters.items():
                 load_lora(args.vllm_url, name, folder)
+            served = {BASE: args.vllm_model} | {name: name for name in adapters}
             matrix = experiment.bench("matrix", args.vllm_url, served, TESTS)
-        else:
+        elif args.serve == "adapters":  # one vLLM with both adapters
             lora = [f"{name}={folder}" for name, folder in adapters.items()]
-            with experiment.serve(model, lora) as url:
+            with experiment.serve(model, BASE, lora) as url:
+                served = {BASE: BASE} | {name: name for name in adapters}
                 matrix = experiment.bench("matrix", url, served, TESTS)
+        else:  # each fine-tune merged into its base (λ = 1): no LoRA kernels on the CPU
+            parts = [experiment.measure(BASE, model, TESTS)]
+            for name, folder in adapters.items():
+                merged = experiment.merge(model, folder, 1.0, name)
+                parts.append(experiment.measure(name, merged, TESTS))
+            matrix = report.combine(parts)
     merges: dict[float, Path | None] = {}
     with experiment.stage("merge"):
         for weight in preset.lambdas:
-            merged = experiment.merge(model, adapters[MERGED_FROM], weight)
-            merges[weight] = None if args.vllm_url else experiment.measure_merge(merged, weight)
+            merged = experiment.merge(model, adapters[MERGED_FROM], weight, MERGED_FROM)
+            label = f"lambda-{weight:.2f}"
+            merges[weight] = (
+                None
+                if args.vllm_url
+                else Path(experiment.measure(label, merged, ("chat:llama",))["folder"])
+                / "results.json"
+            )
     with experiment.stage("report"):
         path = report.write(out, experiment.log, experiment.commands, matrix, merges, run_info())
     print(f"ptst experiment: report in {path}")
@@ -205,8 +226,8 @@ class Run:
         )
         return folder
 
-    def merge(self, model: Path, adapter: Path, weight: float) -> Path:
-        folder = self.out / "merges" / f"lambda-{weight:.2f}"
+    def merge(self, model: Path, adapter: Path, weight: float, name: str) -> Path:
+        folder = self.out / "merges" / f"{name}-lambda-{weight:.2f}"
         if (folder / "config.json").is_file():
             return folder
         self.ptst(
@@ -216,11 +237,11 @@ class Run:
         return folder
 
     @contextmanager
-    def serve(self, model: Path, lora: Sequence[str] = ()) -> Iterator[str]:
-        """A vLLM server for `model` (served as `base`) and these adapters; yields its URL."""
+    def serve(self, model: Path, name: str, lora: Sequence[str] = ()) -> Iterator[str]:
+        """A vLLM server for `model` (served as `name`) and these adapters; yields its URL."""
         cfg = BackendConfig(
             model=model,
-            served_model_name=BASE,
+            served_model_name=name,
             port=free_port(),
             lora=list(lora),
             max_model_len=self.preset.max_model_len,
@@ -254,18 +275,22 @@ class Run:
         data["folder"] = str(newest.parent)
         return data
 
-    def measure_merge(self, merged: Path, weight: float) -> Path:
-        name = f"merge-{weight:.2f}"
-        done = self.out / "bench" / name / "done.json"
+    def measure(self, label: str, folder: Path, templates: Sequence[str]) -> dict[str, Any]:
+        """Serve one model folder as `label` and bench it; skipped once done (a vLLM start
+        costs minutes even when every answer is cached)."""
+        done = self.out / "bench" / label / "done.json"
         if not done.is_file():
-            with self.serve(merged) as url:
-                data = self.bench(name, url, {f"λ={weight:.2f}": BASE}, ("chat:llama",))
+            with self.serve(folder, label) as url:
+                data = self.bench(label, url, {label: label}, templates)
             done.write_text(json.dumps({"results": data["folder"]}) + "\n")
-        return Path(json.loads(done.read_text())["results"]) / "results.json"
+        results = Path(json.loads(done.read_text())["results"])
+        data = json.loads((results / "results.json").read_text())
+        return data | {"labels": {label: label}, "folder": str(results)}
 
 
 def _backend_argv(cfg: BackendConfig) -> list[str]:
-    argv = ["--model", str(cfg.model), "--served-model-name", BASE, "--port", str(cfg.port)]
+    argv = ["--model", str(cfg.model), "--served-model-name", str(cfg.served_model_name)]
+    argv += ["--port", str(cfg.port)]
     for item in cfg.lora:
         argv += ["--lora", item]
     return [*argv, "--max-model-len", str(cfg.max_model_len)]

@@ -6,7 +6,7 @@ and one PNG."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,18 @@ def fmt(rate: Mapping[str, Any] | None) -> str:
     if not rate or rate.get("rate") is None:
         return "-"
     return f"{rate['rate']:.3f} [{rate['lo']:.3f}, {rate['hi']:.3f}] ({rate['k']}/{rate['n']})"
+
+
+def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One matrix from bench runs of one model each: their cells, task cells, paired tests
+    and labels side by side; the first run's meta."""
+    out: dict[str, Any] = {"meta": parts[0].get("meta", {}) if parts else {}, "labels": {}}
+    for key in ("cells", "task_cells", "paired"):
+        out[key] = [item for part in parts for item in part.get(key, [])]
+    for part in parts:
+        out["labels"] |= part.get("labels", {})
+    out["folder"] = ", ".join(str(part.get("folder")) for part in parts)
+    return out
 
 
 def cell_map(results: Mapping[str, Any], key: str) -> dict[tuple[str, str], dict[str, Any]]:

@@ -322,13 +322,16 @@ def run(args: argparse.Namespace) -> int:
 
 def load_lora(base_url: str, name: str, path: Path, timeout: float = 300.0) -> None:
     """Load a LoRA adapter into a running vLLM started with `runtime_lora` (its
-    `/v1/load_lora_adapter`); already loaded under that name counts as done."""
+    `/v1/load_lora_adapter`). A name already loaded is unloaded first: it may name an older
+    adapter folder."""
     import httpx
 
-    reply = httpx.post(
-        f"{base_url.rstrip('/')}/load_lora_adapter",
-        json={"lora_name": name, "lora_path": str(Path(path).resolve())},
-        timeout=timeout,
-    )
-    if reply.status_code != 200 and "already" not in reply.text.lower():
+    url = base_url.rstrip("/")
+    body = {"lora_name": name, "lora_path": str(Path(path).resolve())}
+    with httpx.Client(timeout=timeout) as client:
+        reply = client.post(f"{url}/load_lora_adapter", json=body)
+        if reply.status_code != 200 and "already" in reply.text.lower():
+            client.post(f"{url}/unload_lora_adapter", json={"lora_name": name})
+            reply = client.post(f"{url}/load_lora_adapter", json=body)
+    if reply.status_code != 200:
         raise BackendError(f"vLLM did not load adapter {name!r} from {path}: {reply.text[:300]}")

@@ -65,6 +65,10 @@ def vllm_url(log_dir: Path) -> Iterator[str]:
             str(port),
             "--max-model-len",
             "2048",
+            # adapters trained by the tests are loaded while it runs (tests/test_tune_e2e.py)
+            "--runtime-lora",
+            "--max-loras",
+            "2",
         ],
         log_dir,
     )
