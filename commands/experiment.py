@@ -40,7 +40,7 @@ from ptst.bench.report import run_info, to_jsonable
 from ptst.commands import experiment_report as report
 from ptst.engine.backend import Backend, BackendConfig, load_lora
 from ptst.engine.demo_model import ensure_model
-from ptst.engine.process import free_port
+from ptst.engine.process import free_port, terminate_on_signals
 from ptst.tune.manifest import read_manifest
 
 PTST = [sys.executable, "-m", "ptst"]
@@ -136,6 +136,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with terminate_on_signals():  # SIGTERM stops the vLLM it started, as Ctrl-C does
+        return experiment_ptst(args)
+
+
+def experiment_ptst(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     out: Path = (args.out or Path("results") / f"ptst-{args.preset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
