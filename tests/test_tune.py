@@ -294,8 +294,10 @@ def test_tune_resume_and_merge_into(smollm2: Path, tmp_path: Path) -> None:
     assert first.template == "chat:vanilla" and first.mode == "messages"
     assert first.data.rows == 8 and first.data.used == 6 and first.seed == 0
     assert [step for step, _ in first.loss_curve] == [1, 2] and first.tokens_seen > 0
+    assert len(first.step_seconds) == 2 and sum(first.step_tokens) == first.tokens_seen
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(adapter_config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert_vllm_loads_adapter(out)
 
     assert main([*common, "--max-steps", "2"]) == 2  # refuses to overwrite without --resume
     assert main([*common, "--max-steps", "3", "--resume", "--merge-into", str(merged)]) == 0
@@ -312,3 +314,53 @@ def test_tune_resume_and_merge_into(smollm2: Path, tmp_path: Path) -> None:
     assert merged_manifest is not None and merged_manifest.template == "chat:vanilla"
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert model.config.model_type == "llama"
+
+
+def assert_vllm_loads_adapter(adapter: Path) -> None:
+    """vLLM's own adapter loader (what `ptst backend --lora` runs) accepts the folder as is."""
+    pytest.importorskip("vllm")
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    helper = PEFTHelper.from_local_dir(str(adapter), None)
+    assert helper._validate_features() == []
+    modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    lora = LoRAModel.from_local_checkpoint(
+        str(adapter), modules, helper, device="cpu", dtype=torch.float32
+    )
+    assert "model.layers.0.self_attn.q_proj" in lora.loras
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tiny_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """SIGINT: the running step finishes, a checkpoint is written, exit 130; --resume goes on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = write_jsonl(tmp_path / "qa.jsonl", QA)
+    out = tmp_path / "adapter"
+    argv = [
+        *(sys.executable, "-m", "ptst", "tune", "--model", str(tiny_pair[0])),
+        *("--data", str(data), "--template", "chat:vanilla", "--out", str(out)),
+        *("--batch-size", "2", "--lora-r", "2", "--save-every", "1", "--quiet"),
+    ]
+    child = subprocess.Popen([*argv, "--max-steps", "100000"], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while read_manifest(out) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        code = child.wait(timeout=60)
+    finally:
+        child.kill()
+    assert code == 130
+    stopped = read_manifest(out)
+    assert stopped is not None and stopped.status == "interrupted" and stopped.steps >= 1
+    assert (out / "adapter_model.safetensors").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint.")]
+    more = stopped.steps + 1
+    done = subprocess.run([*argv, "--max-steps", str(more), "--resume"], check=False, timeout=120)
+    assert done.returncode == 0
+    resumed = read_manifest(out)
+    assert resumed is not None and resumed.status == "complete" and resumed.steps == more

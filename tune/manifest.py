@@ -66,6 +66,8 @@ class Manifest(BaseModel):
     dtype: str
     device: str
     loss_curve: list[tuple[int, float]] = Field(default_factory=list, description="[step, loss]")
+    step_seconds: list[float] = Field(default_factory=list, description="wall time per step")
+    step_tokens: list[int] = Field(default_factory=list, description="non-pad tokens per step")
     tokens_seen: int = 0
     seconds: float = 0.0
     started: str

@@ -57,6 +57,8 @@ class Progress:
 
     step: int = 0
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)
     tokens_seen: int = 0
     seconds: float = 0.0
     started: str = field(default_factory=now)
@@ -241,6 +243,8 @@ def _train(
             progress.tokens_seen += tokens
             progress.seconds += elapsed
             progress.loss_curve.append((progress.step, round(value, 5)))
+            progress.step_seconds.append(round(elapsed, 3))
+            progress.step_tokens.append(tokens)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens / elapsed:.0f}")
             if progress.step % args.save_every == 0 and progress.step < steps:
@@ -299,6 +303,8 @@ def _checkpoint(
             "optimizer": optimizer.state_dict(),
             "step": progress.step,
             "loss_curve": progress.loss_curve,
+            "step_seconds": progress.step_seconds,
+            "step_tokens": progress.step_tokens,
             "tokens_seen": progress.tokens_seen,
             "seconds": progress.seconds,
             "started": progress.started,
@@ -310,6 +316,8 @@ def _checkpoint(
         shutil.rmtree(work, ignore_errors=True)
     manifest.steps = progress.step
     manifest.loss_curve = list(progress.loss_curve)
+    manifest.step_seconds = list(progress.step_seconds)
+    manifest.step_tokens = list(progress.step_tokens)
     manifest.tokens_seen = progress.tokens_seen
     manifest.seconds = round(progress.seconds, 3)
     manifest.started = progress.started
@@ -324,6 +332,8 @@ def _load_state(out: Path, optimizer: Any, torch: Any) -> Progress:
     return Progress(
         step=int(state["step"]),
         loss_curve=[(int(s), float(v)) for s, v in state["loss_curve"]],
+        step_seconds=[float(s) for s in state.get("step_seconds", [])],
+        step_tokens=[int(t) for t in state.get("step_tokens", [])],
         tokens_seen=int(state["tokens_seen"]),
         seconds=float(state["seconds"]),
         started=str(state["started"]),
