@@ -156,7 +156,11 @@ def run(args: argparse.Namespace) -> int:
     if args.merge_into is not None and manifest.status == "complete":
         from ptst.tune.export import merge_adapter
 
-        merge_adapter(Path(manifest.base), args.out, args.merge_into)
+        try:
+            merge_adapter(Path(manifest.base), args.out, args.merge_into.expanduser())
+        except FileExistsError as exc:
+            print(f"ptst tune: --merge-into: {exc}", file=sys.stderr)
+            return 2
         print(f"merged model: {args.merge_into}")
     print(f"adapter: {args.out} ({manifest.status}, {manifest.steps}/{manifest.max_steps} steps)")
     return 0 if manifest.status == "complete" else 130
@@ -164,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
 def tune(args: argparse.Namespace) -> Manifest:
     """Run (or resume) the fine-tune described by `args`; returns the final manifest."""
+    _check_numbers(args)
     torch = require("torch")
     base = args.model.expanduser().resolve()
     if not (base / "config.json").is_file():
@@ -338,6 +343,17 @@ def _load_state(out: Path, optimizer: Any, torch: Any) -> Progress:
         seconds=float(state["seconds"]),
         started=str(state["started"]),
     )
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "max_steps", "limit", "save_every", "max_length", "lora_r"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise TuneError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
+    if args.epochs <= 0 or args.lr <= 0 or args.warmup_steps < 0:
+        raise TuneError("--epochs and --lr must be positive, --warmup-steps 0 or more")
+    if args.merge_into is not None and args.merge_into.exists() and any(args.merge_into.iterdir()):
+        raise TuneError(f"--merge-into {args.merge_into} exists and is not empty")
 
 
 def _template(args: argparse.Namespace) -> Template:
