@@ -153,8 +153,10 @@ def write(
     parts = [
         "# PTST experiment: train x test templates, and merging back\n",
         f"Preset: `{json.dumps(log.get('preset', {}))}`\n",
-        f"AdvBench prompts per cell: {_set_size(meta)}; GSM8K questions per cell: "
-        f"{_task_size(meta)}; greedy decoding; refusals by the proxy's detector.\n",
+        f"AdvBench prompts per cell: {_per_cell(matrix, 'cells', 'refusal')} (of "
+        f"{_set_size(meta)}); GSM8K questions per cell: "
+        f"{_per_cell(matrix, 'task_cells', 'accuracy')}; greedy decoding; refusals by the "
+        "proxy's detector.\n",
         "## Matrix\n",
         matrix_tables(matrix),
         "\nPaired exact McNemar tests between test templates, same prompts and model:\n",
@@ -184,6 +186,6 @@ def _set_size(meta: Mapping[str, Any]) -> str:
     return ", ".join(sizes) or "-"
 
 
-def _task_size(meta: Mapping[str, Any]) -> str:
-    sizes = [str(t.get("used")) for t in meta.get("tasks", [])]
+def _per_cell(matrix: Mapping[str, Any], key: str, field: str) -> str:
+    sizes = sorted({str(c[field]["n"]) for c in matrix.get(key, []) if not c.get("benign")})
     return ", ".join(sizes) or "-"
