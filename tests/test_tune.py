@@ -344,6 +344,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tiny_pair: tuple[Path, Path], tmp_pat
         *(sys.executable, "-m", "ptst", "tune", "--model", str(tiny_pair[0])),
         *("--data", str(data), "--template", "chat:vanilla", "--out", str(out)),
         *("--batch-size", "2", "--lora-r", "2", "--save-every", "1", "--quiet"),
+        "--gradient-checkpointing",
     ]
     child = subprocess.Popen([*argv, "--max-steps", "100000"], stdout=subprocess.PIPE, text=True)
     try:
