@@ -15,6 +15,9 @@ from ptst.proxy.config import Route
 from ptst.proxy.record import LogRecord
 from ptst.proxy.refusal import RefusalDetector
 
+# Responses API stream events that end a response; each carries the whole response and its usage.
+FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
 # Request ids: a random prefix per process and a counter (uuid4 per request costs a syscall).
 _ID_PREFIX = uuid.uuid4().hex[:12]
 _ID_COUNTER = itertools.count(1)
@@ -62,6 +65,21 @@ class Exchange:
         content = (choice.get("message") or {}).get("content", choice.get("text"))
         self.on_text(content if isinstance(content, str) else "")
 
+    def on_event(self, event: dict[str, Any]) -> None:
+        """A streamed Responses API event: output text deltas are judged, the final event
+        brings the usage."""
+        kind = event.get("type")
+        if kind == "response.output_text.delta":
+            delta = event.get("delta")
+            self.on_text(delta if isinstance(delta, str) else "")
+        elif kind in FINAL_EVENTS:
+            self.usage = responses_usage(event.get("response"))
+
+    def on_responses_object(self, resp: dict[str, Any]) -> None:
+        """A whole Responses API response."""
+        self.usage = responses_usage(resp)
+        self.on_text(output_text(resp))
+
     def fail(self, status: int, message: str) -> None:
         self.status, self.error = status, message
 
@@ -94,3 +112,26 @@ class Exchange:
 def prompt_sha256(messages: Any) -> str:
     canonical = json.dumps(messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def output_text(resp: dict[str, Any]) -> str:
+    """The text of a Responses API response: its messages' output_text parts, in order."""
+    texts = []
+    for item in resp.get("output") or []:
+        if isinstance(item, dict) and item.get("type") == "message":
+            for part in item.get("content") or []:
+                if isinstance(part, dict) and part.get("type") == "output_text":
+                    texts.append(part.get("text") or "")
+    return "".join(texts)
+
+
+def responses_usage(resp: Any) -> dict[str, Any] | None:
+    """A Responses usage (input/output tokens) under the chat names the log record reads."""
+    usage = resp.get("usage") if isinstance(resp, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    return {
+        "prompt_tokens": usage.get("input_tokens"),
+        "completion_tokens": usage.get("output_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+    }

@@ -95,6 +95,8 @@ _NOT_TEXT = frozenset(
     {"role", "type", "image_url", "input_audio", "audio_url", "video_url", "file", "image_embeds"}
 )
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# Content parts vLLM reads as text, whatever the API they came from (chat or Responses).
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 
 # Chat-only fields with no meaning for /completions in prompt mode (tools handled apart).
@@ -263,10 +265,10 @@ def _merge_text_parts(parts: list[Any]) -> list[Any]:
 
 
 def _is_text_part(part: Any) -> bool:
-    return isinstance(part, dict) and part.get("type") == "text"
+    return isinstance(part, dict) and part.get("type") in _TEXT_PARTS
 
 
-def _wrap(content: Any, template: Template) -> Any:
+def _wrap(content: Any, template: Template, text_type: str = "text") -> Any:
     before, after = template.wrapper_parts
     if not before and not after:
         return content
@@ -275,7 +277,7 @@ def _wrap(content: Any, template: Template) -> Any:
     parts = list(content)
     texts = [i for i, part in enumerate(parts) if _is_text_part(part)]
     if not texts:
-        return [{"type": "text", "text": before + after}, *parts]
+        return [{"type": text_type, "text": before + after}, *parts]
     first, last = texts[0], texts[-1]
     parts[first] = {**parts[first], "text": before + parts[first]["text"]}
     parts[last] = {**parts[last], "text": parts[last]["text"] + after}
@@ -351,7 +353,7 @@ def _check_content(content: Any, role: str, path: str) -> None:
     for i, part in enumerate(content):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise BadRequest(f"{path}[{i}] must be an object with a type", param=f"{path}[{i}]")
-        if part["type"] == "text" and not isinstance(part.get("text"), str):
+        if part["type"] in _TEXT_PARTS and not isinstance(part.get("text"), str):
             raise BadRequest(f"{path}[{i}].text must be a string", param=f"{path}[{i}].text")
 
 
@@ -365,22 +367,27 @@ def _check_alternation(turns: list[dict[str, str]]) -> None:
         )
 
 
-def _without_bypass_fields(body: dict[str, Any], policy: Policy) -> dict[str, Any]:
+def _without_bypass_fields(
+    body: dict[str, Any], policy: Policy, fields: tuple[str, ...] = BYPASS_FIELDS
+) -> dict[str, Any]:
     if policy.bypass == "reject":
-        for field in BYPASS_FIELDS:
+        for field in fields:
             if field in body and not _is_default(field, body[field]):
                 raise BadRequest(
                     f"{field} is not accepted on this route: it would change the enforced "
                     "prompt template",
                     param=field,
                 )
-    return {key: value for key, value in body.items() if key not in BYPASS_FIELDS}
+    return {key: value for key, value in body.items() if key not in fields}
 
 
 def _is_default(field: str, value: Any) -> bool:
-    """Values that change nothing: null, false, empty; add_generation_prompt: true."""
+    """Values that change nothing: null, false, empty; add_generation_prompt: true;
+    truncation (Responses API): "disabled"."""
     if field == "add_generation_prompt":
         return value is None or value is True
+    if field == "truncation":
+        return value is None or value == "disabled"
     if isinstance(value, str | list | dict):
         return not value
     return value is None or value is False

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
@@ -16,11 +16,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from ptst.proxy import jsonfast
+from ptst.proxy.answers import Answer, ChatAnswer, ResponsesAnswer
 from ptst.proxy.config import Mode, Route
-from ptst.proxy.convert import ChunkConverter, completion_to_chat
+from ptst.proxy.convert import ChunkConverter
 from ptst.proxy.errors import (
     BadRequest,
     Forbidden,
+    NotFound,
     PayloadTooLarge,
     ProxyError,
     Unauthorized,
@@ -29,8 +31,9 @@ from ptst.proxy.errors import (
 from ptst.proxy.exchange import Exchange
 from ptst.proxy.record import LogRecord
 from ptst.proxy.rewrite import Policy, enforce
-from ptst.proxy.schemas import ChatCompletionRequest, CompletionRequest, StreamOptions
-from ptst.proxy.sse import DONE, SSEParser, event
+from ptst.proxy.rewrite_responses import enforce_responses
+from ptst.proxy.schemas import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from ptst.proxy.sse import SSEParser
 from ptst.proxy.state import ProxyState
 from ptst.proxy.templates import Template
 from ptst.proxy.upstream import Call, error_kind, transport_error
@@ -75,7 +78,26 @@ async def chat_completions(request: Request) -> Response:
         raise
     convert = ChunkConverter() if path == "/completions" else None
     ex = Exchange(route, mode, bool(req.stream), body["messages"], state.audit.settings.log_text)
-    return await forward(state, ex, path, upstream_body, req.stream_options, convert)
+    answer = ChatAnswer.for_request(ex, upstream_body, req.stream_options, convert)
+    return await forward(state, ex, path, upstream_body, answer)
+
+
+async def responses(request: Request) -> Response:
+    """The Responses API, enforced as chat is (rewrite_responses.py); relayed as it arrives."""
+    state: ProxyState = request.app.state.proxy
+    try:
+        authorized(request)
+        snapshot = state.snapshot
+        body = await read_json(request, snapshot.settings.server.max_body_bytes)
+        req = validate(ResponsesRequest, body)
+        route, template, mode, policy = snapshot.resolve(req.model)
+        upstream_body = responses_request(body, route, template, mode, policy)
+    except ProxyError as exc:
+        state.metrics.on_rejected("responses", exc.status_code, exc.code or exc.error_type)
+        raise
+    asked = {k: body[k] for k in ("instructions", "input") if body.get(k) is not None}
+    ex = Exchange(route, mode, bool(req.stream), asked, state.audit.settings.log_text)
+    return await forward(state, ex, "/responses", upstream_body, ResponsesAnswer(ex))
 
 
 async def completions(request: Request) -> Response:
@@ -98,21 +120,14 @@ async def completions(request: Request) -> Response:
         raise
     ex = Exchange(route, "raw", bool(req.stream), body["prompt"], state.audit.settings.log_text)
     upstream_body = {**body, "model": route.upstream_name}
-    return await forward(state, ex, "/completions", upstream_body, req.stream_options, None)
+    answer = ChatAnswer.for_request(ex, upstream_body, req.stream_options, None)
+    return await forward(state, ex, "/completions", upstream_body, answer)
 
 
 async def forward(
-    state: ProxyState,
-    ex: Exchange,
-    path: str,
-    body: dict[str, Any],
-    stream_options: StreamOptions | None,
-    convert: Callable[[dict[str, Any]], dict[str, Any]] | None,
+    state: ProxyState, ex: Exchange, path: str, body: dict[str, Any], answer: Answer
 ) -> Response:
     """Call the upstream and answer: a stream relayed as it arrives, or one JSON body."""
-    want_usage = bool(stream_options and stream_options.include_usage)
-    if ex.stream:  # the log wants token counts: ask for usage, drop it if the client did not
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     state.metrics.on_request_start(ex.route.model)
     try:
         call = await state.upstreams.open(ex.route, path, body)
@@ -121,16 +136,13 @@ async def forward(
         raise
     if ex.stream:
         return StreamingResponse(
-            relay(call, ex, state, convert, want_usage),
+            relay(call, ex, state, answer),
             media_type="text/event-stream",
             headers={"x-request-id": ex.request_id, "cache-control": "no-cache"},
         )
     try:
         raw, data = await call.read_json()
-        if convert is not None:
-            data = completion_to_chat(data)
-            raw = jsonfast.dumps(data)
-        ex.on_response(data)
+        raw = answer.body(raw, data)
     except BaseException as exc:
         finish(state, ex, exc)
         raise
@@ -149,16 +161,29 @@ async def models(request: Request) -> dict[str, Any]:
     created = int(time.time())
     return {
         "object": "list",
-        "data": [
-            {
-                "id": r.model,
-                "object": "model",
-                "created": created,
-                "owned_by": "ptst-proxy",
-                "template": r.template,
-            }
-            for r in state.snapshot.settings.routes
-        ],
+        "data": [model_card(r, created) for r in state.snapshot.settings.routes],
+    }
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(request: Request, model_id: str) -> dict[str, Any]:
+    """One route, as `client.models.retrieve(name)` asks for it; 404 for any other name."""
+    state = authorized(request)
+    route = state.snapshot.settings.route(model_id)
+    if route is None:
+        raise NotFound(
+            f"model {model_id!r} is not served by this proxy", param="model", code="model_not_found"
+        )
+    return model_card(route, int(time.time()))
+
+
+def model_card(route: Route, created: int) -> dict[str, Any]:
+    return {
+        "id": route.model,
+        "object": "model",
+        "created": created,
+        "owned_by": "ptst-proxy",
+        "template": route.template,
     }
 
 
@@ -186,6 +211,7 @@ async def metrics(request: Request) -> Response:
 # (dependency solving, response models) is measurable here and they use none of it.
 router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
 router.add_route("/v1/completions", completions, methods=["POST"])
+router.add_route("/v1/responses", responses, methods=["POST"])
 
 
 def upstream_request(
@@ -200,48 +226,51 @@ def upstream_request(
     return path, out
 
 
+def responses_request(
+    body: dict[str, Any], route: Route, template: Template | None, mode: Mode, policy: Policy
+) -> dict[str, Any]:
+    """The upstream body for a Responses request; prompt-mode routes cannot serve one."""
+    if template is None:
+        out = dict(body)
+    elif mode == "prompt":
+        raise BadRequest(
+            f"model {route.model!r} enforces the {template.name!r} template in prompt mode: the "
+            "proxy renders the whole prompt itself and sends it to the upstream's /v1/completions, "
+            "and the Responses API has no raw-prompt form. Use /v1/chat/completions.",
+            param="model",
+            code="responses_unsupported_in_prompt_mode",
+        )
+    else:
+        out = enforce_responses(body, template, policy)
+    out["model"] = route.upstream_name
+    return out
+
+
 async def relay(
-    call: Call,
-    ex: Exchange,
-    state: ProxyState,
-    convert: Callable[[dict[str, Any]], dict[str, Any]] | None,
-    want_usage: bool,
+    call: Call, ex: Exchange, state: ProxyState, answer: Answer
 ) -> AsyncIterator[bytes]:
-    """Forward the upstream's events as they arrive; the detector reads along.
+    """Forward the upstream's events as they arrive; the detector reads along (`answer`).
 
     The status (200) went out before the first byte: a failure from here on becomes an error
-    event followed by [DONE]. A client disconnect cancels this generator, which closes the
-    upstream response and so aborts the generation upstream.
+    event (for chat followed by [DONE]). A client disconnect cancels this generator, which
+    closes the upstream response and so aborts the generation upstream.
     """
-    parser, done, err = SSEParser(), False, None
+    parser, err = SSEParser(), None
     try:
         async for chunk in call.chunks():
             for raw, payload in parser.feed(chunk):
-                if payload == "[DONE]":
-                    done = True
-                    yield DONE
-                elif isinstance(payload, dict) and "choices" in payload:
-                    chat = convert(payload) if convert else payload
-                    ex.on_chunk(chat)
-                    if want_usage or chat.get("usage") is None:
-                        yield event(chat) if convert else raw
-                    elif chat["choices"]:  # usage the proxy asked for its log, not the client
-                        chat.pop("usage")
-                        yield event(chat)
-                else:
-                    if isinstance(payload, dict) and "error" in payload:
-                        ex.fail(502, str(payload["error"]))
-                    yield raw
-        if not done:
-            raise UpstreamError(f"upstream {call.base} ended the stream without [DONE]")
+                out = answer.event(raw, payload)
+                if out is not None:
+                    yield out
+        if not answer.done:
+            raise UpstreamError(f"upstream {call.base} ended the stream before its end event")
     except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
         ex.fail(499, "client disconnected")
         state.metrics.on_upstream_error(ex.route.model, "cancelled")
         raise
     except Exception as exc:
         err = transport_error(exc, call.base)
-        yield event(err.body())
-        yield DONE
+        yield answer.failure(err)
     finally:
         await call.close()
         finish(state, ex, err)

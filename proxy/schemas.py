@@ -28,3 +28,11 @@ class CompletionRequest(OpenAIModel):
     prompt: str | list[str] | list[int] | list[list[int]]
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+
+
+class ResponsesRequest(OpenAIModel):
+    model: str
+    # Items are checked by the rewrite (roles, content shapes) or by the upstream.
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    stream: bool | None = False
