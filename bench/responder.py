@@ -7,7 +7,9 @@ behaviour, so one responder serves every test case:
 
     <any other name>   N tokens of "tok tok ..." (N = --tokens, or max_tokens if smaller)
     refuse             "I'm sorry, but I can't help with that request." in several chunks
-    echo               the answer is the JSON of the received `messages` (chat) or `prompt`
+    echo               the answer is the JSON of the received `messages` (chat) or `prompt`;
+                       for /v1/responses, of the messages vLLM would build: `instructions` as
+                       a system message, first, then the `input` items
     last-number        "Adding it up.\n#### N", N the last number in the last user message (or
                        prompt) as written, "#### none" without one: right exactly when a task's
                        answer is its question's last number (the safety bench's accuracy tests)
@@ -17,7 +19,8 @@ behaviour, so one responder serves every test case:
     garbage            200 with a non-JSON body, or a stream that is not SSE
     slow               --token-interval-ms between stream chunks (and per token when not streaming)
 
-Also `GET /v1/models`, `GET /health`, `GET /debug/requests` (the last 100 request bodies) and
+`POST /v1/responses` answers in the Responses API's shapes (a response object, or vLLM's named
+stream events from response.created to response.completed). Also `GET /v1/models`, `GET /health`, `GET /debug/requests` (the last 100 request bodies) and
 `GET /debug/stats` (counters). It is a bare ASGI callable on uvicorn with uvloop and httptools,
 access log off: no framework, no per-request allocation beyond the answer itself.
 """
@@ -117,7 +120,7 @@ def split_pieces(text: str) -> list[str]:
 
 def requested_tokens(body: dict[str, Any]) -> int | None:
     """max_completion_tokens or max_tokens, whichever the request sets (None if neither)."""
-    for key in ("max_completion_tokens", "max_tokens"):
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -160,6 +163,73 @@ def last_number_answer(body: dict[str, Any], chat: bool) -> str:
     return f"Adding it up.\n#### {numbers[-1] if numbers else 'none'}"
 
 
+def responses_as_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses request as the chat request vLLM builds from it: `instructions` as the system
+    message, first, then the input (a string is one user message)."""
+    value = body.get("input")
+    items = [{"role": "user", "content": value}] if isinstance(value, str) else list(value or [])
+    instructions = body.get("instructions")
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    return {**body, "messages": [*system, *items]}
+
+
+def response_object(
+    rid: str, model: str, created: int, text: str, status: str, usage: dict[str, int] | None
+) -> dict[str, Any]:
+    """A Responses API response with one assistant message (the fields the SDK reads)."""
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    message = {"id": f"msg_{rid}", "type": "message", "role": "assistant", "status": status}
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": created,
+        "model": model,
+        "status": status,
+        "output": [message | {"content": content if status == "completed" else []}],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": usage,
+    }
+
+
+def response_events(rid: str, model: str, created: int, answer: Answer) -> list[dict[str, Any]]:
+    """The stream vLLM sends for one text answer, in order; sequence numbers from 0."""
+    text, item_id = "".join(answer.pieces), f"msg_{rid}"
+    started = response_object(rid, model, created, "", "in_progress", None)
+    done = response_object(
+        rid, model, created, text, "completed", _responses_usage(answer.prompt_tokens, answer)
+    )
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {"type": "response.output_item.added", "output_index": 0, "item": started["output"][0]},
+        {"type": "response.content_part.added", **where, "part": part},
+        *(
+            {"type": "response.output_text.delta", **where, "delta": piece, "logprobs": []}
+            for piece in answer.pieces
+        ),
+        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **where, "part": part | {"text": text}},
+        {"type": "response.output_item.done", "output_index": 0, "item": done["output"][0]},
+        {"type": "response.completed", "response": done},
+    ]
+    return [event | {"sequence_number": i} for i, event in enumerate(events)]
+
+
+def _responses_usage(prompt_tokens: int, answer: Answer) -> dict[str, Any]:
+    n = len(answer.pieces)
+    return {
+        "input_tokens": prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": n,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt_tokens + n,
+    }
+
+
 def plan_answer(model: str, body: dict[str, Any], chat: bool, default_tokens: int) -> Answer:
     """The text of the answer for a normal, `refuse`, `echo` or `last-number` model: a pure
     function."""
@@ -196,6 +266,8 @@ class Responder:
         method, path = scope["method"], scope["path"]
         if method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
             await self._generate(receive, send, chat=path == "/v1/chat/completions")
+        elif method == "POST" and path == "/v1/responses":
+            await self._generate(receive, send, chat=True, responses=True)
         elif method == "GET" and path == "/health":
             await _send_bytes(send, 200, b"", [])
         elif method == "GET" and path == "/v1/models":
@@ -216,7 +288,9 @@ class Responder:
         ]
         return {"object": "list", "data": data}
 
-    async def _generate(self, receive: Receive, send: Send, chat: bool) -> None:
+    async def _generate(
+        self, receive: Receive, send: Send, chat: bool, responses: bool = False
+    ) -> None:
         stats = self.stats
         stats.requests += 1
         raw = await _read_body(receive)
@@ -253,9 +327,16 @@ class Responder:
                 await _send_bytes(send, 200, b"<html>definitely not JSON</html>", _JSON)
             return
 
-        answer = plan_answer(model, body, chat, self.tokens)
+        answer = plan_answer(
+            model, responses_as_chat(body) if responses else body, chat, self.tokens
+        )
         rid = f"{'chatcmpl' if chat else 'cmpl'}-bench{next(self._ids)}"
         created = int(time.time())
+        if responses:
+            await self._answer_responses(
+                send, receive, model, answer, "resp_" + rid.rsplit("-", 1)[-1], stream
+            )
+            return
         if not stream:
             await self._answer_json(send, receive, model, answer, rid, created, chat)
             return
@@ -355,6 +436,35 @@ class Responder:
             chunk = b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        self.stats.completed += 1
+
+    async def _answer_responses(
+        self, send: Send, receive: Receive, model: str, answer: Answer, rid: str, stream: bool
+    ) -> None:
+        """The Responses API: one JSON response, or vLLM's named events (faults as for chat)."""
+        created = int(time.time())
+        if not stream:
+            if model == "slow" and await _pause(receive, self.interval * len(answer.pieces)):
+                self.stats.disconnected += 1
+                return
+            text = "".join(answer.pieces)
+            usage = _responses_usage(answer.prompt_tokens, answer)
+            payload = response_object(rid, model, created, text, "completed", usage)
+            await _send_json(send, 200, payload)
+            self.stats.completed += 1
+            return
+        await _start(send, 200, _SSE)
+        for i, event in enumerate(response_events(rid, model, created, answer)):
+            if model == "drop-mid-stream" and i == 5:  # after the first text delta
+                self.stats.dropped += 1
+                return  # uvicorn closes the connection: the response was not completed
+            delta = event["type"] == "response.output_text.delta"
+            if model == "slow" and delta and await _pause(receive, self.interval):
+                self.stats.disconnected += 1
+                return
+            chunk = f"event: {event['type']}\ndata: ".encode() + json.dumps(event).encode()
+            await send({"type": "http.response.body", "body": chunk + b"\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.stats.completed += 1
 
 

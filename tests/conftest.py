@@ -71,6 +71,8 @@ def vllm_url(log_dir: Path) -> Iterator[str]:
             "2",
         ],
         log_dir,
+        # the Responses API keeps responses only with it: previous_response_id (test_responses.py)
+        env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"},
     )
     try:
         server.wait_line(timeout=900)
