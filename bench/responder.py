@@ -185,7 +185,7 @@ def response_object(
         "created_at": created,
         "model": model,
         "status": status,
-        "output": [message | {"content": content if status == "completed" else []}],
+        "output": [message | {"content": content}] if status == "completed" else [],
         "parallel_tool_calls": True,
         "tool_choice": "auto",
         "tools": [],
@@ -201,11 +201,13 @@ def response_events(rid: str, model: str, created: int, answer: Answer) -> list[
         rid, model, created, text, "completed", _responses_usage(answer.prompt_tokens, answer)
     )
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress"}
+    item |= {"content": []}
     part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     events: list[dict[str, Any]] = [
         {"type": "response.created", "response": started},
         {"type": "response.in_progress", "response": started},
-        {"type": "response.output_item.added", "output_index": 0, "item": started["output"][0]},
+        {"type": "response.output_item.added", "output_index": 0, "item": item},
         {"type": "response.content_part.added", **where, "part": part},
         *(
             {"type": "response.output_text.delta", **where, "delta": piece, "logprobs": []}
