@@ -9,8 +9,8 @@ exactly as the proxy will serve them with `--template`.
 The output folder is a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) that
 `ptst backend --lora NAME=ADAPTER` serves as is, plus `ptst-tune.json` (tune/manifest.py) and
 `ptst-tune-state.pt` (optimizer state for `--resume`). A checkpoint is written every
-`--save-every` steps and at the end; Ctrl-C finishes the running step, writes one and exits
-(Ctrl-C again aborts at once), so the folder always holds a usable adapter of its last step.
+`--save-every` steps and at the end; Ctrl-C (or SIGTERM) finishes the running step, writes one
+and exits (Ctrl-C again aborts at once), so the folder always holds a usable adapter of its last step.
 Train only on benign task data (e.g. GSM8K): this command exists to study what fine-tuning does
 to safety, not to remove it.
 """
@@ -266,8 +266,12 @@ def _train(
     _checkpoint(model, optimizer, progress, manifest, out, status)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class _StopFlag:
-    """The first SIGINT asks the loop to stop after the running step; the second aborts."""
+    """The first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the running step and
+    write a checkpoint; the second aborts at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -291,10 +295,11 @@ class _Installed:
         self.previous: Any = None
 
     def __enter__(self) -> None:
-        self.previous = signal.signal(signal.SIGINT, self.flag._handle)
+        self.previous = {sig: signal.signal(sig, self.flag._handle) for sig in _STOP_SIGNALS}
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _checkpoint(
