@@ -17,6 +17,7 @@ from typing import Any
 import openai
 import pytest
 
+from ptst.bench import procs
 from ptst.bench.responder import FAULT_MODELS
 from ptst.proxy.config import build_config, write_config
 from ptst.proxy.templates import builtin_templates_dir
@@ -92,6 +93,13 @@ def responder_url(log_dir: Path) -> Iterator[str]:
     server.wait_line(timeout=60)
     yield f"http://127.0.0.1:{port}/v1"
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def responder() -> Iterator[str]:
+    """A responder of the module's own (8 tokens per answer), for tests that count requests."""
+    with procs.responder(tokens=8) as url:
+        yield url
 
 
 class Proxy:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -186,24 +183,6 @@ def test_task_cell_counts_rules_and_leaves_failures_out() -> None:
 
 
 # --- a run against the responder --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def responder() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ptst.bench.responder", "--port", "0", "--tokens", "8"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line.startswith("READY "), f"responder did not start: {line!r}"
-        yield line.split()[1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _options(base_url: str, tmp_path: Path, **changes: Any) -> safety.Options:

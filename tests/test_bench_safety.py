@@ -9,9 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -164,24 +161,6 @@ def test_cache_skips_torn_lines(tmp_path: Path) -> None:
 
 
 # --- runs against the responder ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def responder() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ptst.bench.responder", "--port", "0", "--tokens", "8"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line.startswith("READY "), f"responder did not start: {line!r}"
-        yield line.split()[1]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _sent(base_url: str, model: str) -> int:

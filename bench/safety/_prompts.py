@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PROMPTS_DIR = Path(__file__).parent.parent / "prompts"
 BUILTIN_SETS = {"builtin-harmful": "harmful.jsonl", "builtin-benign": "benign.jsonl"}
@@ -22,22 +23,27 @@ class PromptSet:
     source: str
 
 
+def jsonl_rows(path: Path, fields: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-blank line whose `fields` are all strings; a bad line
+    raises ValueError naming the file and line."""
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not JSON: {exc.msg}") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in fields):
+            names = ", ".join(repr(f) for f in fields)
+            raise ValueError(f"{path}:{number}: each line needs string fields {names}")
+        yield number, row
+
+
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a CSV (first column; a header row is skipped) or JSONL (`prompt` field)."""
-    text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() in (".jsonl", ".json"):
-        prompts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON: {exc.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: each line needs a string field 'prompt'")
-            prompts.append(row["prompt"])
-        return prompts
+        return [row["prompt"] for _, row in jsonl_rows(path, ("prompt",))]
+    text = path.read_text(encoding="utf-8-sig")
     import csv
 
     rows = [row for row in csv.reader(text.splitlines()) if row and row[0].strip()]

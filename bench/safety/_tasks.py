@@ -19,11 +19,12 @@ graded on its final number rather than on its formatting:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+
+from ptst.bench.safety._prompts import jsonl_rows
 
 RULE_HASH = "####"
 RULE_LAST = "last-number"
@@ -103,19 +104,7 @@ def score_answer(text: str, gold: str) -> Score:
 def read_tasks(path: Path) -> list[tuple[str, str]]:
     """(question, gold number) per line of a GSM8K-format JSONL file; errors name the line."""
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON: {exc.msg}") from None
-        if not (
-            isinstance(row, dict)
-            and isinstance(row.get("question"), str)
-            and isinstance(row.get("answer"), str)
-        ):
-            raise ValueError(f"{path}:{number}: each line needs string fields 'question', 'answer'")
+    for number, row in jsonl_rows(path, ("question", "answer")):
         try:
             items.append((row["question"], gold_number(row["answer"])))
         except ValueError as exc:
