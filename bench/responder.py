@@ -201,8 +201,8 @@ def response_events(rid: str, model: str, created: int, answer: Answer) -> list[
         rid, model, created, text, "completed", _responses_usage(answer.prompt_tokens, answer)
     )
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
-    item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress"}
-    item |= {"content": []}
+    item: dict[str, Any] = {"id": item_id, "type": "message", "role": "assistant"}
+    item |= {"status": "in_progress", "content": []}
     part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     events: list[dict[str, Any]] = [
         {"type": "response.created", "response": started},
