@@ -227,7 +227,7 @@ class Run:
             *("tune", "--model", str(model), "--template", template, "--out", str(folder)),
             *("--data", str(self.data / "gsm8k" / "train.jsonl"), "--limit", str(p.train_limit)),
             *("--max-steps", str(p.max_steps), "--batch-size", str(p.batch_size)),
-            *("--lr", str(p.lr), "--seed", "0", "--quiet"),
+            *("--lr", str(p.lr), "--seed", "0", "--save-every", "5", "--quiet"),
             *(["--resume"] if manifest is not None else []),
         )
         return folder
