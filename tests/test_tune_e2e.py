@@ -101,7 +101,7 @@ def test_experiment_smoke_preset(tmp_path: Path, vllm_url: str) -> None:
     for row in ("base (not fine-tuned)", "| chat:vanilla |", "| chat:llama |", "GSM8K accuracy"):
         assert row in report
     assert (out / "merge-curve.png").stat().st_size > 1000
-    assert (out / "merges" / "lambda-0.50" / "config.json").is_file()
+    assert (out / "merges" / "llama-lambda-0.50" / "config.json").is_file()
     results = json.loads((out / "results.json").read_text())
     cells = {(c["model"], c["template"]) for c in results["matrix"]["cells"]}
     assert len(cells) == 9  # 3 models x 3 test templates
