@@ -12,7 +12,6 @@ from typing import Any
 
 from ptst.engine.process import Child, free_port
 from ptst.proxy.config import build_config, write_config
-from ptst.proxy.templates import builtin_templates_dir
 
 
 @contextlib.contextmanager
@@ -39,9 +38,7 @@ def proxy(routes: list[dict[str, Any]]) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="ptst-overhead-") as tmp:
         folder = Path(tmp)
         port = free_port()
-        config = build_config(
-            routes, port=port, log_dir=folder, templates_dir=builtin_templates_dir()
-        )
+        config = build_config(routes, port=port, log_dir=folder)
         path = write_config(folder / "ptst.yaml", config)
         cmd = [sys.executable, "-m", "ptst", "serve", "--config", str(path)]
         with Child("proxy", [*cmd, "--workers", "1", "--log-level", "warning"], keep=50) as child:

@@ -12,15 +12,15 @@ from typing import Any
 
 from ptst.bench.plots import figure
 from ptst.bench.report import markdown_table, to_jsonable
+from ptst.bench.safety import fmt_rate
+from ptst.bench.wilson import Rate
 
 TRAIN_LABELS = {"base": "base (not fine-tuned)", "vanilla": "chat:vanilla", "llama": "chat:llama"}
 
 
 def fmt(rate: Mapping[str, Any] | None) -> str:
-    """`0.394 [0.353, 0.437] (41/104)` from a bench rate, or `-`."""
-    if not rate or rate.get("rate") is None:
-        return "-"
-    return f"{rate['rate']:.3f} [{rate['lo']:.3f}, {rate['hi']:.3f}] ({rate['k']}/{rate['n']})"
+    """`0.394 [0.353, 0.437] (41/104)` from a bench rate as results.json holds it, or `-`."""
+    return fmt_rate(Rate(rate["k"], rate["n"], rate["lo"], rate["hi"]) if rate else None)
 
 
 def combine(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

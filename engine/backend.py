@@ -49,7 +49,6 @@ class BackendConfig:
     # `max_loras` in one batch (vLLM's default of 1 makes requests for a second adapter wait).
     runtime_lora: bool = False
     max_loras: int | None = None
-    max_lora_rank: int | None = None
     max_model_len: int | None = None
     extra_args: list[str] = field(default_factory=list)
     startup_timeout: float = 900.0
@@ -106,9 +105,8 @@ def vllm_command(cfg: BackendConfig) -> list[str]:
         if cfg.lora:
             cmd += ["--lora-modules", *cfg.lora]
         ranks = [_adapter_rank(Path(item.split("=", 1)[1])) for item in cfg.lora]
-        rank = max([cfg.max_lora_rank or 0, *ranks])
-        if rank > 16:  # vLLM's default maximum
-            cmd += ["--max-lora-rank", str(rank)]
+        if max(ranks, default=0) > 16:  # vLLM's default maximum
+            cmd += ["--max-lora-rank", str(max(ranks))]
     if device() == "cpu" and "--dtype" not in cfg.extra_args:
         cmd += ["--dtype", cpu_dtype()]
     return cmd + cfg.extra_args

@@ -31,7 +31,6 @@ from ptst.proxy.config import (
     parse_settings,
     write_config,
 )
-from ptst.proxy.templates import builtin_templates_dir
 from ptst.tune.manifest import ManifestError, read_manifest
 
 EXAMPLE = """\
@@ -135,7 +134,7 @@ def write_up_config(
         host=args.proxy_host,
         port=args.proxy_port,
         log_dir=args.state_dir,
-        templates_dir=args.templates_dir or builtin_templates_dir(),
+        templates_dir=args.templates_dir,
     )
     parse_settings(config)
     return write_config(args.state_dir / "ptst-up.yaml", config)

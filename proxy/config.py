@@ -223,16 +223,16 @@ def build_config(
     *,
     port: int,
     log_dir: Path,
-    templates_dir: Path,
+    templates_dir: Path | None = None,
     host: str = "127.0.0.1",
     **extra: Any,
 ) -> dict[str, Any]:
-    """A config as `ptst serve --config` reads it: these routes, these templates, and both
-    refusal-log sinks in `log_dir`. Each `extra` top-level key is merged in (a dict key by key).
+    """A config as `ptst serve --config` reads it: these routes, these templates (default: the
+    shipped ones), and both refusal-log sinks in `log_dir`. Each `extra` top-level key is merged in (a dict key by key).
     `ptst up`, the benches and the tests all build their configs here."""
     config: dict[str, Any] = {
         "server": {"host": host, "port": port},
-        "templates_dir": str(templates_dir.resolve()),
+        "templates_dir": str((templates_dir or builtin_templates_dir()).resolve()),
         "routes": routes,
         "log": {
             "jsonl": str((log_dir / "refusals.jsonl").resolve()),

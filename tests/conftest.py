@@ -20,7 +20,6 @@ import pytest
 from ptst.bench import procs
 from ptst.bench.responder import FAULT_MODELS
 from ptst.proxy.config import build_config, write_config
-from ptst.proxy.templates import builtin_templates_dir
 from tests.servers import PTST, Child, free_port, start_server
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -122,10 +121,7 @@ class Proxy:
 def write_proxy_config(
     folder: Path, routes: list[dict[str, Any]], **extra: Any
 ) -> tuple[Path, dict[str, Any]]:
-    templates_dir = Path(extra.pop("templates_dir", builtin_templates_dir()))
-    config = build_config(
-        routes, port=free_port(), log_dir=folder, templates_dir=templates_dir, **extra
-    )
+    config = build_config(routes, port=free_port(), log_dir=folder, **extra)
     return write_config(folder / "ptst.yaml", config), config
 
 

@@ -17,7 +17,6 @@ from ptst.commands.bench import BENCHES
 from ptst.commands.cli import COMMANDS
 from ptst.extras import MissingExtra, require
 from ptst.proxy.config import build_config, write_config
-from ptst.proxy.templates import builtin_templates_dir
 from tests.servers import PTST, ROOT, free_port, start_server
 
 PARSERS = {f"ptst {name}": module for name, (module, _) in COMMANDS.items() if name != "bench"}
@@ -80,7 +79,7 @@ def test_serve_logs_json(tmp_path: Path, log_dir: Path) -> None:
     folder = tmp_path
     port = free_port()
     route = {"model": "m", "upstream": "http://127.0.0.1:9/v1", "template": "chat:llama"}
-    config = build_config([route], port=port, log_dir=folder, templates_dir=builtin_templates_dir())
+    config = build_config([route], port=port, log_dir=folder)
     path = write_config(folder / "ptst.yaml", config)
     cmd = [*PTST, "serve", "--config", str(path), "--log-format", "json"]
     with start_server("serve-json", cmd, log_dir) as server:

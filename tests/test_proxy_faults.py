@@ -299,7 +299,7 @@ def echo_proxy_with_own_templates(
         "upstream_model": "echo",
         "template": "chat:llama",
     }
-    proxy = start_proxy([route], templates_dir=str(templates), **extra)
+    proxy = start_proxy([route], templates_dir=templates, **extra)
     return proxy, route, templates / "chat-llama.yaml"
 
 
