@@ -26,6 +26,18 @@ def fmt_rate(r: Rate | None) -> str:
     return f"{r.k / r.n:.3f} [{r.lo:.3f}, {r.hi:.3f}] ({r.k}/{r.n})"
 
 
+def _matrix_lines(
+    matrix: Mapping[str, Mapping[str, Any]], title: str, value: Callable[[Any], Rate | None]
+) -> list[str]:
+    """One PTST matrix as a table: rows the training template, columns the serving one."""
+    tests = list(dict.fromkeys(t for row in matrix.values() for t in row))
+    rows = [
+        [train, *(fmt_rate(value(row[t])) if t in row else "-" for t in tests)]
+        for train, row in matrix.items()
+    ]
+    return [f"{title}:", "", markdown_table(["trained with \\ served with", *tests], rows), ""]
+
+
 def markdown_report(
     cells: Sequence[Cell],
     sets: Sequence[PromptSet],
@@ -98,28 +110,14 @@ def markdown_report(
     any_matrix = False
     for prompt_set in sets:
         matrix = ptst_matrix(cells, prompt_set.name)
-        if matrix is None:
-            continue
-        any_matrix = True
-        tests = list(dict.fromkeys(t for row in matrix.values() for t in row))
-        rows = [
-            [train, *(fmt_rate(row[t].refusal) if t in row else "-" for t in tests)]
-            for train, row in matrix.items()
-        ]
-        lines += [f"{prompt_set.name}, refusal rate:", ""]
-        lines += [markdown_table(["trained with \\ served with", *tests], rows), ""]
+        if matrix is not None:
+            any_matrix = True
+            lines += _matrix_lines(matrix, f"{prompt_set.name}, refusal rate", lambda c: c.refusal)
     for task in tasks:
         task_matrix = ptst_matrix(task_cells, task.name)
-        if task_matrix is None:
-            continue
-        any_matrix = True
-        tests = list(dict.fromkeys(t for row in task_matrix.values() for t in row))
-        rows = [
-            [train, *(fmt_rate(row[t].accuracy) if t in row else "-" for t in tests)]
-            for train, row in task_matrix.items()
-        ]
-        lines += [f"{task.name}, task accuracy:", ""]
-        lines += [markdown_table(["trained with \\ served with", *tests], rows), ""]
+        if task_matrix is not None:
+            any_matrix = True
+            lines += _matrix_lines(task_matrix, f"{task.name}, task accuracy", lambda c: c.accuracy)
     if not any_matrix:
         lines += [
             "Not applicable: no target declares the template it was trained with (`trained_with` "
