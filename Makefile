@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ptst-installed
-EXTRAS ?= cpu,demo,dev,tune
+EXTRAS ?= cpu,demo,dev,tune,detect
 
 .PHONY: install demo test lint model clean
 

@@ -1,5 +1,6 @@
-"""`ptst bench detect`: speed of the refusal detector's rule path on one core (and, with
---labels, its quality against the two keyword baselines).
+"""`ptst bench detect`: speed of the refusal detector's rule path on one core (with
+--second-stage N, of both stages), or, with --labels, its precision, recall and F1 per corpus
+source against the two keyword baselines (`ptst.bench.detect_quality`).
 
 Responses are built from realistic openings (refusals, partial refusals, plain and tricky
 compliance) followed by ordinary answer text, each cut to exactly --length characters. Time
@@ -17,11 +18,10 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ptst.bench.baselines import BASELINES
 from ptst.proxy.refusal import HEAD_CHARS, RefusalDetector, detect
 
 OPENINGS_REFUSAL = (
@@ -73,10 +73,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cpu", type=int, default=None, help="pin the process to this CPU (Linux only)"
     )
     parser.add_argument(
+        "--second-stage",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time both stages (rules, and the classifier where unsure) on N responses",
+    )
+    parser.add_argument(
         "--labels",
         type=Path,
+        action="append",
         default=None,
-        help="JSONL with text/label/split: also print precision, recall and F1 per split",
+        help="labelled corpus files or folders (repeatable; e.g. bench/refusal_corpus): print "
+        "precision, recall and F1 per source instead of timing",
+    )
+    parser.add_argument(
+        "--rules-only",
+        action="store_true",
+        help="with --labels: score the rules and baselines only (no second stage, no embeddings)",
+    )
+    parser.add_argument(
+        "--embeddings-cache",
+        type=Path,
+        default=Path("results/.cache/detect/embeddings.npz"),
+        help="with --labels: embeddings of answers seen before (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fit-weights",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="with --labels: fit the second stage on every source and write its weights to OUT "
+        "(the proxy ships proxy/second_stage.json)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
 
@@ -114,33 +142,6 @@ def stream_once(chunk: int) -> Callable[[str], Any]:
     return run_stream
 
 
-def scores(predicted: Iterable[bool], actual: Iterable[bool]) -> dict[str, float]:
-    """Precision, recall and F1 for the positive class (refusal or partial refusal)."""
-    pairs = list(zip(predicted, actual, strict=True))
-    tp = sum(p and a for p, a in pairs)
-    fp = sum(p and not a for p, a in pairs)
-    fn = sum(a and not p for p, a in pairs)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "n": float(len(pairs))}
-
-
-def quality(path: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """Scores per split and detector (ours and the baselines) on a labelled JSONL file."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    detectors: dict[str, Callable[[str], bool]] = {"ptst": lambda t: detect(t).refusal, **BASELINES}
-    result: dict[str, dict[str, dict[str, float]]] = {}
-    for split in sorted({row.get("split", "all") for row in rows}):
-        subset = [row for row in rows if row.get("split", "all") == split]
-        actual = [row["label"] != "compliance" for row in subset]
-        result[split] = {
-            name: scores((fn(row["text"]) for row in subset), actual)
-            for name, fn in detectors.items()
-        }
-    return result
-
-
 def _pin(cpu: int | None) -> str:
     if cpu is None:
         return "not pinned (single thread)"
@@ -150,15 +151,18 @@ def _pin(cpu: int | None) -> str:
     return f"pinned to CPU {cpu}"
 
 
-def run(args: argparse.Namespace) -> int:
+def machine(cpu: int | None) -> None:
     print("command:", shlex.join(["ptst", "bench", "detect", *sys.argv[3:]]))
     print(
         f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"cpu_count={os.cpu_count()}, python {platform.python_version()}, {_pin(args.cpu)}"
+        f"cpu_count={os.cpu_count()}, python {platform.python_version()}, {_pin(cpu)}"
     )
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     if load is not None:
         print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
     corpus = build_corpus(args.responses, args.length, args.refusal_share, args.seed)
     refusals = sum(detect(t).refusal for t in corpus[:2000]) / min(len(corpus), 2000)
     print(
@@ -173,16 +177,53 @@ def run(args: argparse.Namespace) -> int:
             f"{name:>12}: {len(corpus) / cpu:>10,.0f} responses/s (CPU time), "
             f"{len(corpus) / wall:>10,.0f}/s wall, {cpu / len(corpus) * 1e6:.1f} µs each"
         )
-    if args.labels is not None:
-        results["quality"] = quality(args.labels)
-        print(f"\nquality on {args.labels} (positive = refusal or partial refusal)")
-        print("| split | detector | n | precision | recall | F1 |\n|---|---|---|---|---|---|")
-        for split, by_name in results["quality"].items():
-            for name, s in by_name.items():
-                print(
-                    f"| {split} | {name} | {s['n']:.0f} | {s['precision']:.3f} "
-                    f"| {s['recall']:.3f} | {s['f1']:.3f} |"
-                )
+    if args.second_stage:
+        results["second_stage"] = second_stage_speed(corpus[: args.second_stage])
+    return results
+
+
+def second_stage_speed(texts: Sequence[str]) -> dict[str, float]:
+    """Both stages over `texts` in one batch, wall time (the embedding model uses threads)."""
+    from ptst.proxy.second_stage import SecondStage, unsure
+
+    stage = SecondStage.load()
+    asked = sum(unsure(detect(t), t[:HEAD_CHARS]) for t in texts)
+    stage.judge_many(texts[:8])  # warm-up
+    wall0 = time.perf_counter()
+    stage.judge_many(texts)
+    wall = time.perf_counter() - wall0
+    print(
+        f"both stages: {len(texts) / wall:,.0f} responses/s wall over {len(texts)} responses, "
+        f"{asked} of them ({asked / len(texts):.0%}) sent to the classifier: "
+        f"{asked / wall:,.0f} classifier answers/s"
+    )
+    return {"responses": len(texts), "asked": asked, "wall_s": wall}
+
+
+def labelled(args: argparse.Namespace) -> dict[str, Any]:
+    from ptst.bench.detect_corpus import load_corpus
+    from ptst.bench.detect_quality import EmbeddingCache, fit_weights, quality, table
+
+    examples = load_corpus(args.labels)
+    sources = sorted({e.source for e in examples})
+    print(
+        f"corpus: {len(examples)} labelled answers from {len(sources)} sources: {', '.join(sources)}"
+    )
+    embed = None if args.rules_only else EmbeddingCache(args.embeddings_cache)
+    result = quality(examples, embed)
+    print("\npositive = refusal or partial refusal; rules+second: leave-one-source-out")
+    print(table(result))
+    if args.fit_weights is not None:
+        fit_weights(examples, embed or EmbeddingCache(args.embeddings_cache)).write(
+            args.fit_weights
+        )
+        print(f"\nsecond-stage weights fitted on all {len(examples)} answers: {args.fit_weights}")
+    return {"quality": result}
+
+
+def run(args: argparse.Namespace) -> int:
+    machine(args.cpu)
+    results = labelled(args) if args.labels else speed(args)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -10,6 +10,8 @@ behaviour, so one responder serves every test case:
     echo               the answer is the JSON of the received `messages` (chat) or `prompt`;
                        for /v1/responses, of the messages vLLM would build: `instructions` as
                        a system message, first, then the `input` items
+    parrot             the last user message (or prompt), word for word: an answer whose text
+                       the test chooses (the refusal detector's tests)
     last-number        "Adding it up.\n#### N", N the last number in the last user message (or
                        prompt) as written, "#### none" without one: right exactly when a task's
                        answer is its question's last number (the safety bench's accuracy tests)
@@ -53,6 +55,7 @@ REFUSAL = "I'm sorry, but I can't help with that request."
 FAULT_MODELS = (
     "refuse",
     "echo",
+    "parrot",
     "error-400",
     "error-429",
     "error-500",
@@ -151,15 +154,21 @@ def approx_prompt_tokens(body: dict[str, Any], chat: bool) -> int:
 _NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?")
 
 
-def last_number_answer(body: dict[str, Any], chat: bool) -> str:
-    """`#### N` with N the last number of the last user message (or prompt): a deterministic,
-    arithmetic-free answer, so task-scoring tests know exactly which questions it gets right."""
+def last_user_text(body: dict[str, Any], chat: bool) -> str | None:
+    """The last user message's content (chat), or the prompt."""
     text = body.get("prompt") if not chat else None
     if chat:
         users = [m for m in body.get("messages") or [] if isinstance(m, dict)]
         users = [m for m in users if m.get("role") == "user"]
         text = users[-1].get("content") if users else None
-    numbers = _NUMBER.findall(text) if isinstance(text, str) else []
+    return text if isinstance(text, str) else None
+
+
+def last_number_answer(body: dict[str, Any], chat: bool) -> str:
+    """`#### N` with N the last number of the last user message (or prompt): a deterministic,
+    arithmetic-free answer, so task-scoring tests know exactly which questions it gets right."""
+    text = last_user_text(body, chat)
+    numbers = _NUMBER.findall(text) if text is not None else []
     return f"Adding it up.\n#### {numbers[-1] if numbers else 'none'}"
 
 
@@ -233,7 +242,7 @@ def _responses_usage(prompt_tokens: int, answer: Answer) -> dict[str, Any]:
 
 
 def plan_answer(model: str, body: dict[str, Any], chat: bool, default_tokens: int) -> Answer:
-    """The text of the answer for a normal, `refuse`, `echo` or `last-number` model: a pure
+    """The text of the answer for a normal, `refuse`, `echo`, `parrot` or `last-number` model: a pure
     function."""
     prompt_tokens = approx_prompt_tokens(body, chat)
     if model == "refuse":
@@ -241,6 +250,8 @@ def plan_answer(model: str, body: dict[str, Any], chat: bool, default_tokens: in
     if model == "echo":
         echoed = body.get("messages") if chat else body.get("prompt")
         return Answer(split_pieces(json.dumps(echoed)), "stop", prompt_tokens)
+    if model == "parrot":
+        return Answer(split_pieces(last_user_text(body, chat) or ""), "stop", prompt_tokens)
     if model == "last-number":
         return Answer(split_pieces(last_number_answer(body, chat)), "stop", prompt_tokens)
     limit = requested_tokens(body)

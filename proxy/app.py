@@ -20,6 +20,7 @@ from ptst.proxy.errors import ProxyError, error_body
 from ptst.proxy.metrics import Metrics
 from ptst.proxy.reload import Reloader
 from ptst.proxy.routes import authorized, router
+from ptst.proxy.second_stage import WEIGHTS, Rescorer, SecondStage
 from ptst.proxy.state import ProxyState, build_snapshot
 from ptst.proxy.upstream import Upstreams
 
@@ -35,7 +36,8 @@ def create_app(settings: Settings, config_path: Path | None = None) -> FastAPI:
         metrics = Metrics()
         audit = AuditLog(snapshot.settings.log, metrics)
         upstreams = Upstreams(snapshot.settings.server)
-        state = ProxyState(snapshot, upstreams, metrics, audit)
+        rescorer = await start_second_stage(snapshot.settings)
+        state = ProxyState(snapshot, upstreams, metrics, audit, rescorer)
         reloader = Reloader(state, config_path)
         app.state.proxy, app.state.reloader = state, reloader
         if not snapshot.settings.api_keys:
@@ -49,6 +51,8 @@ def create_app(settings: Settings, config_path: Path | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await upstreams.aclose()
+            if rescorer is not None:
+                await rescorer.close()  # its records reach the log before the log closes
             await audit.close()
 
     app = FastAPI(title="ptst-proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -90,3 +94,14 @@ def create_app(settings: Settings, config_path: Path | None = None) -> FastAPI:
         return JSONResponse(error_body("internal proxy error", "internal_error"), status_code=500)
 
     return app
+
+
+async def start_second_stage(settings: Settings) -> Rescorer | None:
+    """The second-stage rescorer when `log.second_stage` is on (loading the embedding model
+    takes seconds, so it happens at start, on a thread)."""
+    if not settings.log.second_stage:
+        return None
+    weights = settings.log.second_stage_weights or WEIGHTS
+    stage = await asyncio.to_thread(SecondStage.load, weights)
+    log.info("refusal detector: second stage on (%s)", weights)
+    return Rescorer(stage)

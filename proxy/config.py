@@ -61,6 +61,15 @@ class LogSettings(_Strict):
     queue_size: int = Field(default=10_000, gt=0)
     rotate_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     rotate_keep: int = Field(default=5, ge=1)
+    second_stage: bool = Field(
+        default=False,
+        description="judge answers the rules are unsure about with the second-stage classifier "
+        "(needs the 'detect' extra) before they are counted and logged; the answer itself is "
+        "never delayed. Read at start only.",
+    )
+    second_stage_weights: Path | None = Field(
+        default=None, description="the classifier's weights (default: the shipped ones)"
+    )
 
 
 class Route(_Strict):

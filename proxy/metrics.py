@@ -13,6 +13,8 @@
     ptst_log_records_dropped_total{reason,sink}                  counter
     ptst_template_reloads_total{result}                          counter
     ptst_template_reload_ok                                      gauge (1 = last reload succeeded)
+    ptst_second_stage_total{route,outcome}                       counter (confirmed, overturned,
+                                                                 skipped: backlog full)
 
 Label values come from configuration (route, template, upstream model) or small fixed sets;
 each label still keeps at most `max_label_values` distinct values, later ones become "other",
@@ -132,6 +134,13 @@ class Metrics:
         self.template_reloads = Counter(
             "ptst_template_reloads", "Template reloads by result.", ["result"], registry=r
         )
+        self.second_stage = Counter(
+            "ptst_second_stage",
+            "Answers the refusal detector's second stage was asked about, by outcome: "
+            "confirmed or overturned the rules' verdict, or skipped (backlog full).",
+            ["route", "outcome"],
+            registry=r,
+        )
         self.template_reload_ok = Gauge(
             "ptst_template_reload_ok", "1 if the last template reload succeeded.", registry=r
         )
@@ -147,14 +156,15 @@ class Metrics:
     def on_request_start(self, route: str) -> None:
         self._child(self.in_flight, self._label("route", route)).inc()
 
-    def on_request_complete(self, record: LogRecord) -> None:
-        """Count a finished request; pairs with one earlier `on_request_start(record.route)`."""
+    def on_request_complete(self, record: LogRecord, verdict_final: bool = True) -> None:
+        """Count a finished request; pairs with one earlier `on_request_start(record.route)`.
+        With `verdict_final=False` the refusal is counted later, by `on_second_stage`."""
         route = self._label("route", record.route)
         template = self._label("template", record.template)
         model = self._label("upstream_model", record.upstream_model)
         self._child(self.in_flight, route).dec()
         self._child(self.requests, route, template, model, str(record.status)).inc()
-        if record.refusal:
+        if record.refusal and verdict_final:
             self._child(self.refusals, route, template, model).inc()
         self._child(self.latency, route).observe(record.latency_s)
         if record.ttft_s is not None:
@@ -163,6 +173,20 @@ class Metrics:
             self._child(self.prompt_tokens, route).inc(record.prompt_tokens)
         if record.completion_tokens:
             self._child(self.completion_tokens, route).inc(record.completion_tokens)
+
+    def on_second_stage(self, rules: LogRecord, final: LogRecord | None) -> None:
+        """The second stage's verdict on a request counted with `verdict_final=False`;
+        `final` is None when the backlog was full and the rules' verdict stands."""
+        route = self._label("route", rules.route)
+        if final is None:
+            outcome, final = "skipped", rules
+        else:
+            outcome = "confirmed" if final.refusal == rules.refusal else "overturned"
+        self._child(self.second_stage, route, outcome).inc()
+        if final.refusal:
+            template = self._label("template", final.template)
+            model = self._label("upstream_model", final.upstream_model)
+            self._child(self.refusals, route, template, model).inc()
 
     def on_upstream_error(self, route: str, kind: str) -> None:
         kind = kind if kind in UPSTREAM_ERROR_KINDS else OTHER

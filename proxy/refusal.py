@@ -414,6 +414,10 @@ class RefusalDetector:
             self._buffered += len(delta)
         self._verdict = None
 
+    def head(self) -> str:
+        """The first HEAD_CHARS characters fed so far: what the verdict is about."""
+        return "".join(self._parts)[:HEAD_CHARS]
+
     def verdict(self) -> Verdict:
         if self._verdict is None:
             head = "".join(self._parts)[:HEAD_CHARS]

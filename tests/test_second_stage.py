@@ -1,0 +1,180 @@
+"""The refusal detector's labelled corpus and its second stage: the corpus loads and is varied,
+both stages score above floors measured leave-one-source-out (each source scored by a
+classifier that never saw it), the shipped weights are fitted on this corpus, and the proxy and
+`ptst detect` use the second stage without delaying answers or losing records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ptst.bench.detect_corpus import LABELS, by_source, load_corpus
+from ptst.bench.detect_quality import EmbeddingCache, Scores, quality
+from ptst.proxy.refusal import Verdict, detect
+from ptst.proxy.second_stage import SecondStage, Weights, might_refuse, unsure
+from tests.conftest import Proxy
+from tests.servers import PTST
+
+CORPUS = load_corpus()
+GENERATED = ("qwen2.5-coder-0.5b", "smollm2-135m")
+
+
+# ---- the corpus ------------------------------------------------------------------------------
+
+
+def test_corpus_is_large_varied_and_labelled() -> None:
+    assert len(CORPUS) >= 1500
+    groups = by_source(CORPUS)
+    assert len(groups) >= 7
+    assert len({e.family for e in CORPUS}) >= 6
+    for source, group in groups.items():
+        assert {e.label for e in group} == set(LABELS), source
+        texts = [e.text for e in group]
+        assert len(set(texts)) == len(texts), f"{source}: repeated answers"
+    for source in GENERATED:  # answers from models served here, on all three kinds of prompt
+        assert {e.prompt_kind for e in groups[source]} == {"harmful", "borderline", "benign"}
+
+
+def test_load_corpus_names_the_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "a", "label": "refusal"}\n{"text": "b", "label": "maybe"}\n')
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: label 'maybe'"):
+        load_corpus([path])
+    path.write_text('{"id": "a", "text": "a", "label": "refusal"}\n' * 2)
+    with pytest.raises(ValueError, match="duplicate id 'a'"):
+        load_corpus([path])
+
+
+# ---- the gate and the classifier, on their own -----------------------------------------------
+
+
+def test_only_unsure_verdicts_reach_the_classifier() -> None:
+    strong = detect("I'm sorry, but I can't help with that.")
+    assert strong.refusal and not unsure(strong, "I'm sorry, but I can't help with that.")
+    plain = "Preheat the oven to 200 C and bake for 25 minutes."
+    assert not might_refuse(plain) and not unsure(detect(plain), plain)
+    moral = "Creating malware is illegal and harmful."
+    assert might_refuse(moral) and unsure(detect(moral), moral)
+    weak = Verdict(True, "refusal:redirect_professional", 0.75)
+    assert unsure(weak, "Please ask your pharmacist.")
+
+
+def test_classify_applies_the_weights(tmp_path: Path) -> None:
+    # features: a 2-d "embedding" + (fired, score, partial); class rows pick one feature each
+    coef = [[0, 0, 0, 0, 0], [5, 0, 0, 0, 0], [0, 5, 0, 0, 0]]
+    weights = Weights(("compliance", "partial", "refusal"), coef, [1.0, 0.0, 0.0], {"n": 0})
+    weights.write(tmp_path / "w.json")
+    assert Weights.read(tmp_path / "w.json") == weights
+
+    def embed(heads: Sequence[str]) -> Any:
+        return np.asarray([[1.0 if "x" in h else 0.0, 1.0 if "y" in h else 0.0] for h in heads])
+
+    stage = SecondStage(weights, embed)
+    nothing = Verdict(False, None, 0.0)
+    got = stage.classify(["x", "y", "z"], [nothing] * 3)
+    assert [v.rule for v in got] == ["partial:second_stage", "refusal:second_stage", None]
+    assert [v.refusal for v in got] == [True, True, False]
+    assert got[2].score < 0.5 < got[0].score
+
+
+# ---- scores, leave one source out ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored() -> dict[str, dict[str, Scores]]:
+    return quality(CORPUS, EmbeddingCache(None))
+
+
+# Floors a little under the leave-one-source-out figures measured when the corpus was built
+# (README, "Refusal detection"): a change that loses more than that fails here.
+FLOORS = {"precision": 0.93, "recall": 0.93, "f1": 0.94}
+
+
+def test_both_stages_held_out_by_source_meet_the_floors(
+    scored: dict[str, dict[str, Scores]],
+) -> None:
+    pooled = scored["all"]["rules+second"]
+    for name, floor in FLOORS.items():
+        assert pooled[name] >= floor, (name, pooled)
+    for source, by_name in scored.items():
+        assert by_name["rules+second"]["f1"] >= 0.85, (source, by_name["rules+second"])
+
+
+def test_both_stages_beat_the_rules_alone_and_the_baselines(
+    scored: dict[str, dict[str, Scores]],
+) -> None:
+    pooled = scored["all"]
+    both = pooled["rules+second"]["f1"]
+    assert both > pooled["rules"]["f1"]
+    assert both > max(pooled["gcg_keyword"]["f1"], pooled["xstest_strmatch"]["f1"]) + 0.05
+    assert pooled["rules+second"]["asked"] < 0.9  # the classifier is not asked about everything
+
+
+def test_shipped_weights_are_fitted_on_this_corpus() -> None:
+    meta = Weights.read().meta
+    assert meta["n"] == len(CORPUS)
+    assert meta["sources"] == sorted(by_source(CORPUS))
+
+
+# ---- in use: ptst detect and the proxy --------------------------------------------------------
+
+TEXTS = [
+    "I'm sorry, but I can't help with that request.",  # the rules are sure: a refusal
+    "Preheat the oven to 200 C and bake the loaf for 25 minutes.",  # sure: compliance
+    "Creating malware is illegal and harmful. Please reconsider what you are planning.",
+    "That is a question better put to a licensed electrician than to a chat assistant.",
+]
+
+
+def detect_cli(texts: Sequence[str]) -> list[dict[str, Any]]:
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    done = subprocess.run(
+        [*PTST, "detect", "--second-stage", "--batch"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def metric(proxy: Proxy, name: str) -> dict[str, float]:
+    body = urllib.request.urlopen(proxy.base_url.removesuffix("/v1") + "/metrics").read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith(name)
+    }
+
+
+def test_proxy_logs_the_second_stage_verdict_off_the_request_path(
+    start_proxy: Callable[..., Proxy], responder_url: str
+) -> None:
+    expected = detect_cli(TEXTS)
+    assert [v["refusal"] for v in expected[:2]] == [True, False]
+    assert expected[0]["rule"] == detect(TEXTS[0]).rule  # sure verdicts are the rules' own
+    route = {"model": "parrot", "upstream": responder_url, "upstream_model": "parrot"}
+    proxy = start_proxy(
+        [{**route, "template": "chat:llama"}], timeout=300, log={"second_stage": True}
+    )
+    for text, want in zip(TEXTS, expected, strict=True):
+        raw = proxy.client().chat.completions.with_raw_response.create(
+            model="parrot", messages=[{"role": "user", "content": text}]
+        )
+        assert raw.parse().choices[0].message.content == text
+        # the answer carries the rules' verdict: it never waits for the second stage
+        assert raw.headers["x-ptst-refusal"] == str(detect(text).refusal).lower()
+        (record,) = proxy.log_records(raw.headers["x-request-id"], timeout=60)
+        assert (record["refusal"], record["rule"]) == (want["refusal"], want["rule"])
+    judged = metric(proxy, "ptst_second_stage_total")
+    assert sum(judged.values()) == sum(unsure(detect(t), t) for t in TEXTS) == 2
+    refusals = sum(metric(proxy, "ptst_refusals_total").values())
+    assert refusals == sum(v["refusal"] for v in expected)
