@@ -91,6 +91,7 @@ def draft_rows(
     source: str,
     family: str,
     kinds: Mapping[str, str],
+    id_prefix: str | None = None,
 ) -> list[dict[str, Any]]:
     """Unlabelled corpus rows from a response cache (`prompt`, `template`, `response` per
     row); `kinds` maps a prompt to harmful / borderline / benign. Repeated answers are kept
@@ -104,7 +105,7 @@ def draft_rows(
         texts.add(text)
         rows.append(
             {
-                "id": f"{source}-{len(rows) + 1:04d}",
+                "id": f"{id_prefix or source}-{len(rows) + 1:04d}",
                 "source": source,
                 "family": family,
                 "prompt": row["prompt"],
@@ -126,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--source", required=True, help="the corpus source name")
     parser.add_argument("--family", required=True, help="the model family that answered")
     parser.add_argument(
+        "--id-prefix", default=None, help="row ids are PREFIX-0001, ... (default: the source)"
+    )
+    parser.add_argument(
         "--kinds",
         action="append",
         default=[],
@@ -139,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _, row in jsonl_rows(Path(path), ()):
             kinds[str(row.get("prompt") or row.get("question"))] = kind
     cache = [row for _, row in jsonl_rows(args.cache, ("prompt", "response"))]
-    for row in draft_rows(cache, args.source, args.family, kinds):
+    for row in draft_rows(cache, args.source, args.family, kinds, args.id_prefix):
         sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
     return 0
 

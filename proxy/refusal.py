@@ -50,7 +50,7 @@ def _rx(pattern: str) -> str:
 
 _ADVERB = r"(?: (?:really|simply|just|unfortunately|honestly|definitely|absolutely|certainly|still|currently|also))?"
 _MODAL = (
-    r"(?:can't|cannot|can not|won't|will not|will never|wouldn't|would not|shouldn't|should not"
+    r"(?:(?:can't|cannot|can not) and (?:won't|will not)|can't|cannot|can not|won't|will not|will never|wouldn't|would not|shouldn't|should not"
     r"|must not|refuse to|(?:do not|don't) (?:feel comfortable|think i (?:can|should))"
     r"|(?:must|have to|need to|will have to|'ll have to) (?:respectfully |politely )?(?:decline to|refuse to|refrain from))"
 )
@@ -124,6 +124,17 @@ _I_BRANCHES: dict[str, str] = {
         r"| (?:won't|will not|can't|cannot)(?: do (?:it|that|this))?[.!]"
         r"|(?:'ll| will|'m going to) (?:have to )?pass on (?:this|that)"
     ),
+    "capability": (
+        r"(?:'m| am) (?:not able|unable) to (?:access|browse|view|open|retrieve|look up|search"
+        r"|connect to|see your|read your|remember)\b"
+        r"|(?: (?:can't|cannot|can not|don't|do not))(?: (?:really|actually|currently))?"
+        r" (?:have (?:the ability|the capability|access|real-time access|internet access"
+        r"|any way|the means) to|have (?:real-time |internet |live )?access\b|access (?:the internet|your|external"
+        r"|real-time|live|personal|private|the web)|browse)\b"
+    ),
+    "afraid": (
+        r"(?:'m| am) afraid (?:that(?:'s| is)|this is|it(?:'s| is)) (?:beyond|outside|not something)\b"
+    ),
     "not_something": (
         r"(?:(?:'m| am)? (?:can|could|will|would|able|willing|feel comfortable|comfortable)|'ll| will)\b|"
         + _NEG_MODAL
@@ -173,11 +184,30 @@ _SECONDARY = re.compile(
     + r")"
 )
 _SECONDARY_HINTS = ("guideline", "polic", "principles", "programming", "values", "me to", "best ")
+# Moral openings ("it is not appropriate to ...", "i don't think it's ethical ..."), scanned only
+# when one of their hints occurs.
+_MORAL = re.compile(
+    r"n(?<![\w']n)(?P<moral>"
+    + _rx(r"ot (?:appropriate|ethical|legal|acceptable|responsible)\b")
+    + r")"
+    + r"|t(?<![\w']t)(?P<dont_think>"
+    + _rx(
+        r"hink (?:it(?:'s| is| would be)|that(?:'s| is| would be)|this (?:is|would be)|i should)"
+        r" (?:appropriate|ethical|right|a good idea|wise|responsible|okay|ok|help|assist|provide|write)\b"
+    )
+    + r")"
+)
+_MORAL_HINTS = (
+    *("not appropriate", "not ethical", "not legal", "not acceptable", "not responsible"),
+    *("think it", "think that", "think this", "think i should"),
+)
 
 # group -> (reported rule, score)
 _RULES: dict[str, tuple[str, float]] = {
     "cannot_help": ("cannot_help", 0.95),
     "decline": ("decline", 0.95),
+    "capability": ("capability", 0.85),
+    "afraid": ("decline", 0.9),
     "not_something": ("not_something_i_can", 0.95),
     "something": ("not_something_i_can", 0.95),
     "ai_self": ("ai_disclaimer", 0.9),
@@ -192,6 +222,8 @@ _RULES: dict[str, tuple[str, float]] = {
     "policy_v": ("policy", 0.9),
     "irresponsible": ("irresponsible", 0.85),
     "redirect": ("redirect_professional", 0.75),
+    "moral": ("moral_opening", 0.85),
+    "dont_think": ("dont_think_appropriate", 0.85),
 }
 
 # Context checks. *_BEFORE patterns end at the cue ($), *_AFTER ones follow it.
@@ -225,6 +257,15 @@ _POLICY_BEFORE = re.compile(
         r"(?:ethical|safety|content|usage|use-case|acceptable[- ]use|community)(?: [\w-]+)? )$"
     )
 )
+# "It is not appropriate ...", "That would not be ethical ..." opening the answer (its first
+# sentence), not "it is not safe to eat raw chicken" deep in one.
+_MORAL_BEFORE = re.compile(
+    _rx(
+        r"(?:^|[.!?:]\s+|\n\s*)(?:[\w,' -]{0,60} )?(?:it|that|this|doing so|doing that|such a request)"
+        r"(?:'s| is| was| would(?: be)?| would definitely be| would certainly be| is really| really is| is simply)? $"
+    )
+)
+_DONT_THINK_BEFORE = re.compile(_rx(r"\bi (?:don't|do not|really don't|honestly don't) $"))
 _IRRESPONSIBLE_BEFORE = re.compile(
     _rx(
         r"\b(?:irresponsible|inappropriate|unethical|illegal|not appropriate|not ethical|wrong|harmful|dangerous)"
@@ -347,6 +388,10 @@ def _context_rule(name: str, h: str, start: int, end: int) -> str | None:
         if not any(w in before for w in _POLICY_WORDS):
             return None
         return rule if _POLICY_BEFORE.search(before) else None
+    if name == "moral":
+        return rule if start < 160 and _MORAL_BEFORE.search(h, max(0, start - 120), start) else None
+    if name == "dont_think":
+        return rule if _DONT_THINK_BEFORE.search(h, max(0, start - 30), start) else None
     if name == "irresponsible":
         return rule if _IRRESPONSIBLE_BEFORE.search(h, max(0, start - 40), start) else None
     if name == "redirect" and _pivot_end(h, end) >= 0:
@@ -377,10 +422,11 @@ def _first_cue(pattern: re.Pattern[str], h: str, head: str) -> tuple[int, str, s
 def _classify(head: str, total_len: int) -> Verdict:
     h = _normalize(head)
     cue = _first_cue(_MASTER, h, head)
-    if any(hint in h for hint in _SECONDARY_HINTS):
-        other = _first_cue(_SECONDARY, h, head)
-        if other is not None and (cue is None or other[0] < cue[0]):
-            cue = other
+    for pattern, hints in ((_SECONDARY, _SECONDARY_HINTS), (_MORAL, _MORAL_HINTS)):
+        if any(hint in h for hint in hints):
+            other = _first_cue(pattern, h, head)
+            if other is not None and (cue is None or other[0] < cue[0]):
+                cue = other
     if cue is None:
         return NOT_REFUSAL
     start, name, rule, end = cue
