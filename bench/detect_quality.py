@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ptst.bench.baselines import BASELINES
 from ptst.bench.detect_corpus import LABELS, Example, by_source
 from ptst.extras import require
-from ptst.proxy.refusal import HEAD_CHARS, Verdict, detect
-from ptst.proxy.second_stage import Embedder, SecondStage, Weights, rule_features, unsure
+from ptst.proxy.refusal import HEAD_CHARS, detect
+from ptst.proxy.second_stage import Embedder, Featurizer, SecondStage, Weights, unsure
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,28 +72,30 @@ class EmbeddingCache:
         return self.np.stack([self.known[k] for k in keys])
 
 
-def _features(examples: Sequence[Example], verdicts: Sequence[Verdict], embed: Any) -> Any:
-    np = require("numpy", "detect")
-    heads = [e.text[:HEAD_CHARS] for e in examples]
-    return np.hstack([embed(heads), np.asarray([rule_features(v) for v in verdicts])])
-
-
-def fit(x: Any, labels: Sequence[str], meta: dict[str, Any]) -> Weights:
+def fit(examples: Sequence[Example], embed: Any, meta: dict[str, Any] | None = None) -> Weights:
+    """The classifier fitted on `examples` (vocabulary, idf and coefficients)."""
     linear = require("sklearn.linear_model", "detect")
+    heads = [e.text[:HEAD_CHARS] for e in examples]
+    features = Featurizer.fit(heads, embed)
     model = linear.LogisticRegression(C=C, max_iter=5000, class_weight="balanced")
-    model.fit(x, list(labels))
+    model.fit(features(heads, [detect(e.text) for e in examples]), [e.label for e in examples])
     classes = tuple(str(c) for c in model.classes_)
     if set(classes) != set(LABELS):
         raise ValueError(f"the training answers need all of {LABELS}, got {classes}")
-    return Weights(classes, model.coef_.tolist(), model.intercept_.tolist(), meta)
+    return Weights(
+        classes,
+        model.coef_.tolist(),
+        model.intercept_.tolist(),
+        features.vocabulary,
+        features.vectorizer.idf_.tolist(),
+        meta or {},
+    )
 
 
 def fit_weights(examples: Sequence[Example], embed: Any) -> Weights:
     """The classifier fitted on every example: the weights the proxy ships."""
-    verdicts = [detect(e.text) for e in examples]
     sources = sorted({e.source for e in examples})
-    meta = {"sources": sources, "n": len(examples), "C": C, "features": "minilm+rules"}
-    return fit(_features(examples, verdicts, embed), [e.label for e in examples], meta)
+    return fit(examples, embed, {"sources": sources, "n": len(examples), "C": C})
 
 
 def quality(examples: Sequence[Example], embed: Any | None = None) -> dict[str, dict[str, Scores]]:
@@ -103,21 +105,16 @@ def quality(examples: Sequence[Example], embed: Any | None = None) -> dict[str, 
     predicted: dict[str, dict[str, bool]] = {"rules": {k: v.refusal for k, v in verdicts.items()}}
     for name, fn in BASELINES.items():
         predicted[name] = {e.id: fn(e.text) for e in examples}
-    asked: dict[str, bool] = {}
+    asked = {e.id: unsure(verdicts[e.id], e.text[:HEAD_CHARS]) for e in examples}
     if embed is not None:
-        x_all = _features(examples, [verdicts[e.id] for e in examples], embed)
-        index = {e.id: i for i, e in enumerate(examples)}
-        both: dict[str, bool] = {}
+        both = dict(predicted["rules"])
         for source, held_out in groups.items():
-            train = [e for e in examples if e.source != source]
-            weights = fit(x_all[[index[e.id] for e in train]], [e.label for e in train], {})
-            stage = SecondStage(weights, embed)
-            for e in held_out:
-                v = verdicts[e.id]
-                asked[e.id] = unsure(v, e.text[:HEAD_CHARS])
-                if asked[e.id]:
-                    v = stage.classify([e.text[:HEAD_CHARS]], [v])[0]
-                both[e.id] = v.refusal
+            stage = SecondStage(fit([e for e in examples if e.source != source], embed), embed)
+            ask = [e for e in held_out if asked[e.id]]
+            judged = stage.classify(
+                [e.text[:HEAD_CHARS] for e in ask], [verdicts[e.id] for e in ask]
+            )
+            both.update({e.id: v.refusal for e, v in zip(ask, judged, strict=True)})
         predicted["rules+second"] = both
     result: dict[str, dict[str, Scores]] = {}
     for source, group in [*groups.items(), ("all", list(examples))]:
@@ -125,7 +122,7 @@ def quality(examples: Sequence[Example], embed: Any | None = None) -> dict[str, 
         result[source] = {
             name: scores((pred[e.id] for e in group), actual) for name, pred in predicted.items()
         }
-        if asked:
+        if embed is not None:
             result[source]["rules+second"]["asked"] = sum(asked[e.id] for e in group) / len(group)
     return result
 

@@ -2,6 +2,11 @@
 
 ptst logs stats [--db PATH | --config FILE] [--since 1h] [--by route|template|model] [--json]
 ptst logs tail  [--db PATH | --config FILE] [-n 20] [--follow]
+ptst logs get   [--db PATH | --config FILE] REQUEST_ID [--wait SECONDS]
+
+`get` is how the client of a streamed answer reads its verdict: a stream's headers leave before
+its text is judged, so `x-ptst-refusal` cannot carry it, but `x-request-id` does, and the record
+under that id holds the verdict (with `log.second_stage`, once the classifier has run).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ptst.proxy.audit import GROUP_COLUMNS, query_stats, tail
+from ptst.proxy.audit import GROUP_COLUMNS, by_request_id, query_stats, tail
 from ptst.proxy.config import ConfigError, load_settings
 
 DEFAULT_DB = Path("ptst-logs/refusals.sqlite3")
@@ -32,7 +37,7 @@ def parse_duration(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(
-        dest="action", metavar="ACTION", required=True, help="stats or tail"
+        dest="action", metavar="ACTION", required=True, help="stats, tail or get"
     )
     stats = sub.add_parser("stats", help="refusal counts and rates per group")
     _add_source(stats)
@@ -51,6 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tail_parser.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
     tail_parser.add_argument("--follow", "-f", action="store_true", help="keep printing new ones")
     tail_parser.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    get = sub.add_parser("get", help="the record of one request, by its x-request-id")
+    _add_source(get)
+    get.add_argument("request_id", metavar="REQUEST_ID", help="the x-request-id response header")
+    get.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for the record to be written (default: 0, look once)",
+    )
 
 
 def _add_source(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
             rows = query_stats(db, args.since, args.by)
             print(json.dumps(rows, indent=2) if args.json else format_table(rows, args.by))
             return 0
+        if args.action == "get":
+            return _get(db, args.request_id, args.wait)
         return _tail(db, args.n, args.follow, args.interval)
     except FileNotFoundError as exc:
         hint = "" if args.db or args.config else " (pass --db PATH or --config FILE)"
@@ -118,6 +135,20 @@ def _cells(row: dict[str, Any]) -> tuple[str, ...]:
         "-" if rate is None else f"{100 * rate:.1f}%",
         str(row["errors"]),
     )
+
+
+def _get(db: Path, request_id: str, wait: float) -> int:
+    deadline = time.monotonic() + wait
+    while True:
+        records = by_request_id(db, request_id) if db.exists() or wait <= 0 else []
+        if records or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if not records:
+        print(f"ptst logs: no record for request id {request_id!r} in {db}", file=sys.stderr)
+        return 1
+    _print_records(list(enumerate(records)))
+    return 0
 
 
 def _tail(db: Path, n: int, follow: bool, interval: float) -> int:

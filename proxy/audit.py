@@ -223,6 +223,7 @@ class SqliteSink:
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(CREATE_TABLE)
                 conn.execute("CREATE INDEX IF NOT EXISTS records_time ON records (time)")
+                conn.execute("CREATE INDEX IF NOT EXISTS records_request ON records (request_id)")
             except Exception:
                 conn.close()
                 raise
@@ -521,6 +522,14 @@ def query_stats(
         }
         for row in rows
     ]
+
+
+def by_request_id(db: Path, request_id: str) -> list[dict[str, Any]]:
+    """The records of one request (one, unless the client reused a request id)."""
+    columns = ", ".join(FIELDS)
+    with contextlib.closing(connect_readonly(db)) as conn:
+        sql = f"SELECT {columns} FROM records WHERE request_id = ? ORDER BY rowid"
+        return [_row_to_record(row) for row in conn.execute(sql, (request_id,)).fetchall()]
 
 
 def tail(db: Path, n: int = 20, after_id: int | None = None) -> list[tuple[int, dict[str, Any]]]:

@@ -22,6 +22,7 @@ EXTRAS: dict[str, str] = {
     "mergekit": "tune",
     "sentence_transformers": "detect",
     "sklearn": "detect",
+    "scipy": "detect",
 }
 
 

@@ -1,4 +1,4 @@
-"""`ptst logs stats` and `ptst logs tail` on a SQLite log filled through the real sink."""
+"""`ptst logs stats`, `tail` and `get` on a SQLite log filled through the real sink."""
 
 from __future__ import annotations
 
@@ -126,6 +126,16 @@ def test_tail_prints_the_last_n_in_order(db: Path, capsys: pytest.CaptureFixture
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["request_id"] for r in records] == ["req-9", "req-10", "req-11"]
     assert records[1]["refusal"] is True and records[1]["stream"] is False
+
+
+def test_get_prints_one_request_or_says_none(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "get", "--db", str(db), "req-6")
+    assert code == 0
+    (only,) = [json.loads(line) for line in out.splitlines()]
+    assert only["request_id"] == "req-6" and only["refusal"] is True
+    code, out, err = run(capsys, "get", "--db", str(db), "req-404", "--wait", "0.3")
+    assert code == 1 and not out
+    assert "no record for request id 'req-404'" in err
 
 
 def test_tail_follow_prints_new_records(

@@ -67,18 +67,21 @@ def test_only_unsure_verdicts_reach_the_classifier() -> None:
 
 
 def test_classify_applies_the_weights(tmp_path: Path) -> None:
-    # features: a 2-d "embedding" + (fired, score, partial); class rows pick one feature each
-    coef = [[0, 0, 0, 0, 0], [5, 0, 0, 0, 0], [0, 5, 0, 0, 0]]
-    weights = Weights(("compliance", "partial", "refusal"), coef, [1.0, 0.0, 0.0], {"n": 0})
+    # features: tf-idf over ("alpha", "beta") | head embedding (2) | lead embedding (2) |
+    # verdict features (4); "partial" reads "alpha", "refusal" reads "beta"
+    coef = [[0.0] * 10, [5.0] + [0.0] * 9, [0.0, 5.0] + [0.0] * 8]
+    weights = Weights(
+        ("compliance", "partial", "refusal"), coef, [1.0, 0.0, 0.0], ["alpha", "beta"], [1, 1], {}
+    )
     weights.write(tmp_path / "w.json")
     assert Weights.read(tmp_path / "w.json") == weights
 
     def embed(heads: Sequence[str]) -> Any:
-        return np.asarray([[1.0 if "x" in h else 0.0, 1.0 if "y" in h else 0.0] for h in heads])
+        return np.zeros((len(heads), 2))
 
     stage = SecondStage(weights, embed)
     nothing = Verdict(False, None, 0.0)
-    got = stage.classify(["x", "y", "z"], [nothing] * 3)
+    got = stage.classify(["alpha", "beta", "gamma"], [nothing] * 3)
     assert [v.rule for v in got] == ["partial:second_stage", "refusal:second_stage", None]
     assert [v.refusal for v in got] == [True, True, False]
     assert got[2].score < 0.5 < got[0].score
