@@ -266,9 +266,12 @@ class Rescorer:
     def submit(self, record: LogRecord, head: str, done: Callable[[LogRecord], None]) -> bool:
         """Judge `record` off the loop and call `done` with it; False (and nothing called)
         when the backlog is full."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # finished outside the event loop (a collected stream): no thread
+            return False
         if len(self._pending) >= self.max_pending:
             return False
-        loop = asyncio.get_running_loop()
         rules = Verdict(bool(record.refusal), record.rule, record.score or 0.0)
         future = self._pool.submit(lambda: self.stage.classify([head], [rules])[0])
         self._pending.add(future)

@@ -5,8 +5,10 @@ classifier that never saw it), the shipped weights are fitted on this corpus, an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,8 +19,9 @@ import pytest
 
 from ptst.bench.detect_corpus import LABELS, by_source, load_corpus
 from ptst.bench.detect_quality import EmbeddingCache, Scores, quality
+from ptst.proxy.record import FIELDS, LogRecord
 from ptst.proxy.refusal import Verdict, detect
-from ptst.proxy.second_stage import SecondStage, Weights, might_refuse, unsure
+from ptst.proxy.second_stage import Rescorer, SecondStage, Weights, might_refuse, unsure
 from tests.conftest import Proxy
 from tests.servers import PTST
 
@@ -85,6 +88,33 @@ def test_classify_applies_the_weights(tmp_path: Path) -> None:
     assert [v.rule for v in got] == ["partial:second_stage", "refusal:second_stage", None]
     assert [v.refusal for v in got] == [True, True, False]
     assert got[2].score < 0.5 < got[0].score
+
+
+def test_rescorer_judges_off_the_loop_skips_when_full_and_flushes_on_close() -> None:
+    class SlowStage:
+        def classify(self, heads: Sequence[str], verdicts: Sequence[Verdict]) -> list[Verdict]:
+            time.sleep(0.2)
+            return [Verdict(True, "refusal:second_stage", 0.9) for _ in heads]
+
+    record = LogRecord(
+        **{f: None for f in FIELDS}
+        | {"request_id": "r1", "refusal": False, "rule": None, "score": 0.0}  # type: ignore[arg-type]
+    )
+    done: list[LogRecord] = []
+
+    async def main() -> None:
+        rescorer = Rescorer(SlowStage(), max_pending=1)  # type: ignore[arg-type]
+        assert rescorer.wants(record, "It would not be right.")
+        assert not rescorer.wants(record, "Bake for 25 minutes.")
+        t0 = time.perf_counter()
+        assert rescorer.submit(record, "It would not be right.", done.append)
+        assert time.perf_counter() - t0 < 0.1  # the caller never waits for the classifier
+        assert not rescorer.submit(record, "It would not be right.", done.append)  # backlog full
+        await rescorer.close()
+
+    asyncio.run(main())
+    (final,) = done
+    assert (final.request_id, final.refusal, final.rule) == ("r1", True, "refusal:second_stage")
 
 
 # ---- scores, leave one source out ------------------------------------------------------------
