@@ -15,7 +15,7 @@ gen() {  # name model-folder templates max-tokens
   $P bench safety --base-url "http://127.0.0.1:$port/v1" --model "$name" --templates "$templates" \
     --prompts "$SETS" --benign-sets borderline,benign --max-tokens "$tokens" --temperature 0 \
     --concurrency 32 --no-progress --cache results/corpus/$name-cache --out results/corpus/$name
-  kill -INT $pid; wait $pid || true
+  kill -TERM $pid; wait $pid || true  # SIGINT is ignored by background jobs of a script
 }
 gen smollm2-135m $M/smollm2-135m default,chat:vanilla,chat:llama 96
 gen qwen2.5-coder-0.5b $M/qwen2.5-coder-0.5b chat:llama 64
