@@ -127,7 +127,7 @@ def scored() -> dict[str, dict[str, Scores]]:
 
 
 # Floors under the leave-one-source-out figures measured when the corpus and the weights were
-# last built (README, "Refusal detection"; pooled P 0.948, R 0.926, F1 0.937): pooled 0.01-0.02
+# last built (README, "Refusal detection"; pooled P 0.945, R 0.924, F1 0.934): pooled 0.01-0.02
 # lower, each source's F1 0.05 lower. A change that loses more than that fails here.
 POOLED_FLOORS = {"precision": 0.93, "recall": 0.91, "f1": 0.92}
 SOURCE_F1_FLOORS = {
@@ -140,7 +140,7 @@ SOURCE_F1_FLOORS = {
     "hand-small": 0.90,
     "qwen2.5-coder-0.5b": 0.79,
     "rules-dev": 0.91,
-    "smollm2-135m": 0.51,  # 14 refusals in 405 answers: a few false alarms weigh heavily
+    "smollm2-135m": 0.45,  # 14 refusals in 405 answers: a few false alarms weigh heavily
 }
 
 
