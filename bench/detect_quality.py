@@ -110,14 +110,11 @@ def quality(examples: Sequence[Example], embed: Any | None = None) -> dict[str, 
         predicted[name] = {e.id: fn(e.text) for e in examples}
     asked = {e.id: unsure(verdicts[e.id], e.text[:HEAD_CHARS]) for e in examples}
     if embed is not None:
-        both = dict(predicted["rules"])
+        both: dict[str, bool] = {}
         for source, held_out in groups.items():
             stage = SecondStage(fit([e for e in examples if e.source != source], embed), embed)
-            ask = [e for e in held_out if asked[e.id]]
-            judged = stage.classify(
-                [e.text[:HEAD_CHARS] for e in ask], [verdicts[e.id] for e in ask]
-            )
-            both.update({e.id: v.refusal for e, v in zip(ask, judged, strict=True)})
+            judged = stage.judge_many([e.text for e in held_out])  # what `ptst detect` runs
+            both.update({e.id: v.refusal for e, v in zip(held_out, judged, strict=True)})
         predicted["rules+second"] = both
     result: dict[str, dict[str, Scores]] = {}
     for source, group in [*groups.items(), ("all", list(examples))]:
