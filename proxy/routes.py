@@ -304,6 +304,9 @@ def finish(state: ProxyState, ex: Exchange, exc: BaseException | None = None) ->
     return record
 
 
+TOO_DEEP = "request body is nested too deeply"
+
+
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -317,6 +320,8 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         data = jsonfast.loads(buf)
     except ValueError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise BadRequest(TOO_DEEP, code="invalid_json") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     return data
@@ -325,6 +330,8 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
 def validate(model: type[M], body: dict[str, Any]) -> M:
     try:
         return model.model_validate(body)
+    except RecursionError:
+        raise BadRequest(TOO_DEEP, code="invalid_json") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None

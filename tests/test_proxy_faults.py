@@ -236,6 +236,20 @@ def test_body_over_limit_is_413(proxy: Proxy) -> None:
     assert info.value.status_code == 413
 
 
+@pytest.mark.parametrize("depth", [30_000, 900])  # deeper than the JSON decoder goes; than pydantic
+@pytest.mark.parametrize(
+    ("path", "field"), [("/chat/completions", b"messages"), ("/responses", b"input")]
+)
+def test_deeply_nested_bodies_are_400(proxy: Proxy, path: str, field: bytes, depth: int) -> None:
+    nested = b"[" * depth + b"]" * depth  # within this proxy's 64 KiB body limit
+    body = b'{"model": "fake-echo", "' + field + b'": ' + nested + b"}"
+    resp = httpx.post(
+        proxy.base_url + path, content=body, headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["message"]
+
+
 def test_unknown_path_is_an_openai_error(proxy: Proxy) -> None:
     resp = httpx.get(proxy.base_url + "/nope")
     assert resp.status_code == 404
