@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from ptst.proxy import jsonfast
+from ptst.proxy import jsonfast, sse
 from ptst.proxy.answers import Answer, ChatAnswer, ResponsesAnswer
 from ptst.proxy.config import Mode, Route
 from ptst.proxy.convert import ChunkConverter
@@ -33,7 +33,6 @@ from ptst.proxy.record import LogRecord
 from ptst.proxy.rewrite import Policy, enforce
 from ptst.proxy.rewrite_responses import enforce_responses
 from ptst.proxy.schemas import ChatCompletionRequest, CompletionRequest, ResponsesRequest
-from ptst.proxy.sse import SSEParser
 from ptst.proxy.state import ProxyState
 from ptst.proxy.templates import Template
 from ptst.proxy.upstream import Call, error_kind, transport_error
@@ -255,13 +254,12 @@ async def relay(
     event (for chat followed by [DONE]). A client disconnect cancels this generator, which
     closes the upstream response and so aborts the generation upstream.
     """
-    parser, err = SSEParser(), None
+    err = None
     try:
-        async for chunk in call.chunks():
-            for raw, payload in parser.feed(chunk):
-                out = answer.event(raw, payload)
-                if out is not None:
-                    yield out
+        async for raw, payload in sse.events(call.chunks()):
+            out = answer.event(raw, payload)
+            if out is not None:
+                yield out
         if not answer.done:
             raise UpstreamError(f"upstream {call.base} ended the stream before its end event")
     except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream

@@ -65,14 +65,6 @@ def test_round_plan_alternates_abba_and_covers_every_prompt() -> None:
         assert covered == list(range(10))
 
 
-def test_sse_parser_handles_split_messages_and_comments() -> None:
-    parser = load.SSEParser()
-    assert parser.feed('data: {"a"') == []
-    assert parser.feed(": 1}\n\n: ping\n\ndata: [DONE]\r\n\r\n") == ['{"a": 1}', "[DONE]"]
-    with pytest.raises(ValueError):
-        parser.feed("not sse at all\n\n")
-
-
 def test_payload_carries_fixed_output_length_and_usage_request() -> None:
     target = load.Target("t", "http://x/v1", "m", extra_body={"stop": ["[INST]"]})
     target.prefix_messages = [{"role": "system", "content": "safe"}]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import random
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ptst.proxy.convert import ChunkConverter, completion_to_chat
 from ptst.proxy.sse import DONE, SSEParser, event
@@ -33,6 +39,52 @@ def test_parser_handles_any_split() -> None:
 def test_parser_crlf_and_bad_json() -> None:
     events = SSEParser().feed(b'data: {"a": 1}\r\n\r\ndata: {oops\n\n')
     assert [p for _, p in events] == [{"a": 1}, None]
+
+
+def test_a_crlf_split_between_reads_does_not_merge_events() -> None:
+    parser = SSEParser()
+    assert parser.feed(b'data: {"a": 1}\r') == []
+    assert parser.feed(b"\n\r") == []  # "\r" may still be the first half of "\r\n"
+    assert [p for _, p in parser.feed(b'\ndata: {"b": 2}\r\r')] == [{"a": 1}]
+    assert parser.feed(b"") == [] and [p for _, p in parser.finish()] == [{"b": 2}]
+
+
+LINE_ENDS = st.sampled_from([b"\n", b"\r\n", b"\r"])
+PAYLOADS = st.one_of(
+    st.dictionaries(st.text(max_size=5), st.text(max_size=20), max_size=3),
+    st.just("[DONE]"),
+    st.none(),  # a comment: no data
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(PAYLOADS, LINE_ENDS), min_size=1, max_size=8),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+    st.booleans(),
+)
+def test_every_stream_parses_the_same_in_any_split(
+    items: list[tuple[Any, bytes]], cuts: list[int], multiline: bool
+) -> None:
+    data = b""
+    for payload, eol in items:
+        if payload is None:
+            data += b": keep-alive" + eol + eol
+        elif payload == "[DONE]":
+            data += b"data: [DONE]" + eol + eol
+        elif multiline:  # a JSON document over two data lines (joined with "\n")
+            body = json.dumps(payload).encode()
+            data += b"data: " + body[:1] + eol + b"data:" + body[1:] + eol + eol
+        else:
+            data += b"data: " + json.dumps(payload).encode() + eol + eol
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    parser, out = SSEParser(), []
+    for a, b in itertools.pairwise(points):
+        out += parser.feed(data[a:b])
+    out += parser.finish()
+    assert [p for _, p in out] == [p for p, _ in items]
+    assert b"".join(raw for raw, _ in out) == data
+    assert parser.pending == b""
 
 
 def test_chunk_conversion() -> None:

@@ -31,7 +31,6 @@ from ptst.bench.load._report import make_plots, summary_markdown
 from ptst.bench.load._requests import (
     Options,
     Result,
-    SSEParser,
     Target,
     build_payload,
     send_request,
@@ -51,7 +50,6 @@ __all__ = [
     "Level",
     "Options",
     "Result",
-    "SSEParser",
     "Target",
     "Tokens",
     "add_arguments",

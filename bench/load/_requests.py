@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from ptst.bench import stats
+from ptst.proxy import sse
 
 
 @dataclass
@@ -76,27 +77,6 @@ def build_payload(target: Target, prompt: str, opts: Options) -> dict[str, Any]:
     return body
 
 
-class SSEParser:
-    """Splits a byte stream into SSE messages and returns each message's `data` payload."""
-
-    def __init__(self) -> None:
-        self.buffer = ""
-
-    def feed(self, text: str) -> list[str]:
-        self.buffer += text.replace("\r\n", "\n")
-        out = []
-        while "\n\n" in self.buffer:
-            message, self.buffer = self.buffer.split("\n\n", 1)
-            lines = [ln for ln in message.split("\n") if ln and not ln.startswith(":")]
-            if not lines:
-                continue
-            data = [ln[5:].removeprefix(" ") for ln in lines if ln.startswith("data:")]
-            if not data:
-                raise ValueError(f"not an SSE data message: {message[:60]!r}")
-            out.append("\n".join(data))
-        return out
-
-
 async def send_request(
     client: httpx.AsyncClient,
     target: Target,
@@ -136,32 +116,33 @@ async def _stream(
         if response.status_code != 200:
             result.error = _http_error(response.status_code, await response.aread())
             return
-        parser = SSEParser()
-        async for raw in response.aiter_text():
-            for data in parser.feed(raw):
-                now = time.perf_counter()
-                if data == "[DONE]":
-                    done = True
-                    continue
-                event = json.loads(data)
-                if not isinstance(event, dict):
-                    raise ValueError("stream event is not a JSON object")
-                if "error" in event:
-                    result.error = "error in stream: " + _message(event)
-                    return
-                if choices := event.get("choices"):
-                    if last == start:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-                    piece = _piece(choices[0], chat)
-                    if piece:
-                        chunks_with_text += 1
-                        result.text_chars += len(piece)
-                elif usage := event.get("usage"):
-                    usage_tokens = usage.get("completion_tokens")
-                    result.prompt_tokens = usage.get("prompt_tokens")
+        async for raw, event in sse.events(response.aiter_bytes()):
+            now = time.perf_counter()
+            if event == "[DONE]":
+                done = True
+                continue
+            if event is None and b"data:" in raw:
+                raise ValueError(f"stream event is not JSON: {raw[:60]!r}")
+            if event is None:  # a comment or keep-alive
+                continue
+            if not isinstance(event, dict):
+                raise ValueError("stream event is not a JSON object")
+            if "error" in event:
+                result.error = "error in stream: " + _message(event)
+                return
+            if choices := event.get("choices"):
+                if last == start:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+                piece = _piece(choices[0], chat)
+                if piece:
+                    chunks_with_text += 1
+                    result.text_chars += len(piece)
+            elif usage := event.get("usage"):
+                usage_tokens = usage.get("completion_tokens")
+                result.prompt_tokens = usage.get("prompt_tokens")
     if last == start:
         result.error = "no token chunk received"
     elif not done:
