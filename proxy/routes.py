@@ -186,17 +186,33 @@ def model_card(route: Route, created: int) -> dict[str, Any]:
     }
 
 
+@router.get("/health/live")
+async def health_live() -> JSONResponse:
+    """The process serves requests (for a liveness probe: restart only when this fails)."""
+    return JSONResponse({"status": "ok"})
+
+
 @router.get("/health")
-async def health(request: Request) -> JSONResponse:
+@router.get("/health/ready")
+async def health_ready(request: Request) -> JSONResponse:
+    """200 when every route has at least one upstream answering its /health, else 503 naming
+    the routes that have none; one dead replica of a route with others alive is still ready.
+    With API keys set, only a caller with a key sees routes and upstream URLs."""
     state = public(request)
-    bases = sorted({u for r in state.snapshot.settings.routes for u in r.upstream})
+    routes = state.snapshot.settings.routes
+    bases = sorted({u for r in routes for u in r.upstream})
     results = await asyncio.gather(*(state.upstreams.get_health(b) for b in bases))
-    upstreams = {b: "ok" if ok else "unreachable" for b, ok in zip(bases, results, strict=True)}
-    healthy = all(results)
-    return JSONResponse(
-        {"status": "ok" if healthy else "degraded", "upstreams": upstreams},
-        status_code=200 if healthy else 503,
-    )
+    up = dict(zip(bases, results, strict=True))
+    not_ready = [r.model for r in routes if not any(up[u] for u in r.upstream)]
+    body: dict[str, Any] = {"status": "degraded" if not_ready else "ok"}
+    try:
+        authorized(request)
+    except Unauthorized:
+        pass  # no key: the verdict alone
+    else:
+        body["routes_not_ready"] = not_ready
+        body["upstreams"] = {b: "ok" if ok else "unreachable" for b, ok in up.items()}
+    return JSONResponse(body, status_code=503 if not_ready else 200)
 
 
 @router.get("/metrics")

@@ -298,6 +298,23 @@ def test_api_keys(start_proxy: Callable[..., Proxy], responder_url: str) -> None
         model="fake-refuse", messages=USER
     )
     assert reply.choices[0].message.content
+    root = proxy.base_url.removesuffix("/v1")
+    anonymous = httpx.get(root + "/health/ready")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ok"}  # no URLs
+    keyed = httpx.get(root + "/health/ready", headers={"authorization": "Bearer sekret"})
+    assert keyed.json()["upstreams"] == {responder_url: "ok"}
+
+
+def test_health_live_and_ready_per_route(proxy: Proxy, responder_url: str) -> None:
+    root = proxy.base_url.removesuffix("/v1")
+    assert httpx.get(root + "/health/live").json() == {"status": "ok"}
+    for path in ("/health/ready", "/health"):  # /health is readiness
+        resp = httpx.get(root + path)
+        assert resp.status_code == 503  # fake-down has no upstream at all
+        body = resp.json()
+        # fake-replicas has a dead replica and a live one: it is ready
+        assert body["routes_not_ready"] == ["fake-down"]
+        assert body["upstreams"][responder_url] == "ok"
 
 
 def echo_proxy_with_own_templates(
