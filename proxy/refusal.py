@@ -197,10 +197,18 @@ _MORAL = re.compile(
     )
     + r")"
 )
-_MORAL_HINTS = (
-    *("not appropriate", "not ethical", "not legal", "not acceptable", "not responsible"),
-    *("think it", "think that", "think this", "think i should"),
-)
+# A moral opening must start within MORAL_LEAD characters (`_context_rule`), so its hints are
+# looked for there only; "think" anywhere. Every answer pays for these checks.
+MORAL_LEAD = 160
+_MORAL_HINTS = ("not appropriate", "not ethical", "not legal", "not acceptable", "not responsible")
+
+
+def _moral_hinted(h: str) -> bool:
+    if "think" in h:
+        return True
+    lead = h[: MORAL_LEAD + 40]
+    return "not " in lead and any(hint in lead for hint in _MORAL_HINTS)
+
 
 # group -> (reported rule, score)
 _RULES: dict[str, tuple[str, float]] = {
@@ -389,7 +397,8 @@ def _context_rule(name: str, h: str, start: int, end: int) -> str | None:
             return None
         return rule if _POLICY_BEFORE.search(before) else None
     if name == "moral":
-        return rule if start < 160 and _MORAL_BEFORE.search(h, max(0, start - 120), start) else None
+        near = start < MORAL_LEAD
+        return rule if near and _MORAL_BEFORE.search(h, max(0, start - 120), start) else None
     if name == "dont_think":
         return rule if _DONT_THINK_BEFORE.search(h, max(0, start - 30), start) else None
     if name == "irresponsible":
@@ -422,8 +431,11 @@ def _first_cue(pattern: re.Pattern[str], h: str, head: str) -> tuple[int, str, s
 def _classify(head: str, total_len: int) -> Verdict:
     h = _normalize(head)
     cue = _first_cue(_MASTER, h, head)
-    for pattern, hints in ((_SECONDARY, _SECONDARY_HINTS), (_MORAL, _MORAL_HINTS)):
-        if any(hint in h for hint in hints):
+    for pattern, hinted in (
+        (_SECONDARY, any(hint in h for hint in _SECONDARY_HINTS)),
+        (_MORAL, _moral_hinted(h)),
+    ):
+        if hinted:
             other = _first_cue(pattern, h, head)
             if other is not None and (cue is None or other[0] < cue[0]):
                 cue = other
