@@ -164,8 +164,8 @@ class Metrics:
         model = self._label("upstream_model", record.upstream_model)
         self._child(self.in_flight, route).dec()
         self._child(self.requests, route, template, model, str(record.status)).inc()
-        if record.refusal and verdict_final:
-            self._child(self.refusals, route, template, model).inc()
+        if verdict_final:
+            self._count_refusal(record)
         self._child(self.latency, route).observe(record.latency_s)
         if record.ttft_s is not None:
             self._child(self.ttft, route).observe(record.ttft_s)
@@ -183,9 +183,13 @@ class Metrics:
         else:
             outcome = "confirmed" if final.refusal == rules.refusal else "overturned"
         self._child(self.second_stage, route, outcome).inc()
-        if final.refusal:
-            template = self._label("template", final.template)
-            model = self._label("upstream_model", final.upstream_model)
+        self._count_refusal(final)
+
+    def _count_refusal(self, record: LogRecord) -> None:
+        if record.refusal:
+            route = self._label("route", record.route)
+            template = self._label("template", record.template)
+            model = self._label("upstream_model", record.upstream_model)
             self._child(self.refusals, route, template, model).inc()
 
     def on_upstream_error(self, route: str, kind: str) -> None:

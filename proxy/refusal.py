@@ -478,7 +478,7 @@ class RefusalDetector:
 
     def verdict(self) -> Verdict:
         if self._verdict is None:
-            head = "".join(self._parts)[:HEAD_CHARS]
+            head = self.head()
             self._parts = [head]
             self._verdict = _classify(head, self._total)
         return self._verdict

@@ -253,6 +253,11 @@ class SecondStage:
         return self.judge_many([text])[0]
 
 
+def rules_verdict(record: LogRecord) -> Verdict:
+    """The rules' verdict a log record carries."""
+    return Verdict(bool(record.refusal), record.rule, record.score or 0.0)
+
+
 class Rescorer:
     """The proxy's use of the second stage: records whose rule verdict is unsure are judged on
     one worker thread, then handed to `done` (metrics and log) on the event loop. A backlog
@@ -265,10 +270,7 @@ class Rescorer:
         self._pending: set[Future[Verdict]] = set()
 
     def wants(self, record: LogRecord, head: str) -> bool:
-        if record.refusal is None:
-            return False
-        rules = Verdict(record.refusal, record.rule, record.score or 0.0)
-        return unsure(rules, head)
+        return record.refusal is not None and unsure(rules_verdict(record), head)
 
     def submit(self, record: LogRecord, head: str, done: Callable[[LogRecord], None]) -> bool:
         """Judge `record` off the loop and call `done` with it; False (and nothing called)
@@ -279,7 +281,7 @@ class Rescorer:
             return False
         if len(self._pending) >= self.max_pending:
             return False
-        rules = Verdict(bool(record.refusal), record.rule, record.score or 0.0)
+        rules = rules_verdict(record)
         future = self._pool.submit(lambda: self.stage.classify([head], [rules])[0])
         self._pending.add(future)
 
