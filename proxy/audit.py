@@ -196,6 +196,14 @@ INSERT = "INSERT INTO records ({}) VALUES ({})".format(
 )
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """A log file from an earlier release gains the fields added since (as NULLs)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+    for name in FIELDS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE records ADD COLUMN {name} {_column_type(_HINTS[name])}")
+
+
 class SqliteSink:
     """Table `records` (a column per field, indexed on time), WAL mode, one transaction a batch."""
 
@@ -222,6 +230,7 @@ class SqliteSink:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(CREATE_TABLE)
+                _add_missing_columns(conn)
                 conn.execute("CREATE INDEX IF NOT EXISTS records_time ON records (time)")
                 conn.execute("CREATE INDEX IF NOT EXISTS records_request ON records (request_id)")
             except Exception:

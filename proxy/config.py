@@ -1,6 +1,6 @@
 """Proxy settings: a YAML file validated with pydantic.
 
-server: {host: 127.0.0.1, port: 8080}
+server: {host: 127.0.0.1, port: 8080, timeouts: {first_byte: 600}, cooldown_s: 5}
 api_keys: [...]          # or env PTST_API_KEYS (comma separated); none = open
 templates_dir: templates # default: the shipped templates; relative paths resolve against
                          # the config file's folder
@@ -12,6 +12,8 @@ routes:
     mode: messages                        # or prompt; default: the template's own
     system_policy: prepend                # prepend | replace | reject
     trained_with: chat:vanilla
+    api_key_env: VLLM_API_KEY             # or api_key: ...; sent upstream as a bearer token
+    timeouts: {between_chunks: 60}        # over the server's timeouts, field by field
 log: {jsonl: ptst-logs/refusals.jsonl, sqlite: ptst-logs/refusals.sqlite3, log_text: false}
 """
 
@@ -22,7 +24,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Mode = Literal["messages", "prompt"]
 SystemPolicy = Literal["prepend", "replace", "reject"]
@@ -44,14 +54,63 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Timeouts(_Strict):
+    """Seconds the proxy waits on an upstream, phase by phase (None: no limit)."""
+
+    connect: float = Field(default=5.0, gt=0, description="open a new TCP (and TLS) connection")
+    pool: float = Field(
+        default=30.0, gt=0, description="wait for a free connection when the pool is full"
+    )
+    first_byte: float = Field(
+        default=600.0,
+        gt=0,
+        description="from sending the request to the answer's head: for a non-streamed answer "
+        "this is the whole generation",
+    )
+    between_chunks: float = Field(
+        default=600.0, gt=0, description="the longest silence while the answer's body arrives"
+    )
+    total: float | None = Field(
+        default=None, gt=0, description="the whole exchange, streams included"
+    )
+
+
 class ServerSettings(_Strict):
-    host: str = "127.0.0.1"
+    host: str = Field(
+        default="127.0.0.1", description="loopback by default; 0.0.0.0 for every interface"
+    )
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
-    # Seconds: connect to the upstream, and wait between two bytes of its answer.
-    connect_timeout: float = Field(default=5.0, gt=0)
-    read_timeout: float = Field(default=600.0, gt=0)
-    max_connections: int = Field(default=1000, gt=0)
+    metrics_public: bool = Field(
+        default=False,
+        description="serve /metrics without an API key even when api_keys are set (for a "
+        "Prometheus scraper on a private network); /admin/* always needs a key",
+    )
+    cors_allow_origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins allowed to call the proxy (CORS), e.g. "
+        "https://app.example.com, or '*'; none (the default) = no CORS headers at all",
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="on SIGTERM, how long requests in flight may still run; then streams end "
+        "with an error event and [DONE], and the log is flushed",
+    )
+    timeouts: Timeouts = Field(
+        default_factory=Timeouts, description="every route's, unless the route sets its own"
+    )
+    max_connections: int = Field(
+        default=1000, gt=0, description="upstream connections open at once, all hosts"
+    )
+    max_connections_per_host: int = Field(
+        default=0, ge=0, description="upstream connections open at once to one host (0: no cap)"
+    )
+    cooldown_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="a replica that failed (refused, timed out, 5xx) is tried last for this long",
+    )
 
 
 class LogSettings(_Strict):
@@ -92,6 +151,15 @@ class Route(_Strict):
         description="a Hugging Face model or tokenizer folder: its special tokens are treated "
         "like role markers in client content",
     )
+    api_key: SecretStr | None = Field(
+        default=None, description="sent to the upstream as `Authorization: Bearer <key>`"
+    )
+    api_key_env: str | None = Field(
+        default=None, description="the environment variable that holds api_key (read at load)"
+    )
+    timeouts: Timeouts | None = Field(
+        default=None, description="this route's timeouts; unset fields take the server's"
+    )
 
     @field_validator("upstream", mode="before")
     @classmethod
@@ -109,6 +177,21 @@ class Route(_Strict):
                     f"upstream {url!r} must be an http(s) URL such as http://127.0.0.1:8000/v1"
                 )
         return [url.rstrip("/") for url in value]
+
+    @model_validator(mode="after")
+    def _key_from_env(self) -> Route:
+        if self.api_key_env is None:
+            return self
+        if self.api_key is not None:
+            raise ValueError(f"route {self.model!r} sets both api_key and api_key_env: pick one")
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ValueError(
+                f"route {self.model!r}: environment variable {self.api_key_env!r} "
+                "(api_key_env) is not set"
+            )
+        object.__setattr__(self, "api_key", SecretStr(value))  # the model is frozen
+        return self
 
     @model_validator(mode="after")
     def _ptst_guard(self) -> Route:
@@ -137,7 +220,12 @@ class Route(_Strict):
 
 class Settings(_Strict):
     server: ServerSettings = ServerSettings()
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[str] = Field(
+        default_factory=list,
+        repr=False,  # a settings object in a log line or a traceback shows no key
+        description="clients send one as `Authorization: Bearer <key>`; none = open. They "
+        "guard the API, /admin/* and /metrics (see server.metrics_public)",
+    )
     templates_dir: Path = Field(
         default_factory=builtin_templates_dir,
         description="the template files; default: the templates shipped with ptst",
@@ -156,6 +244,22 @@ class Settings(_Strict):
             if route.model in seen:
                 raise ValueError(f"two routes are named {route.model!r}")
             seen.add(route.model)
+        return self
+
+    @model_validator(mode="after")
+    def _route_timeouts(self) -> Settings:
+        """Each route's timeouts in full: the fields it sets over the server's."""
+        server = self.server.timeouts
+        routes = []
+        for route in self.routes:
+            own = route.timeouts
+            merged = (
+                server.model_copy(update={k: getattr(own, k) for k in own.model_fields_set})
+                if own
+                else server
+            )
+            routes.append(route.model_copy(update={"timeouts": merged}))
+        object.__setattr__(self, "routes", routes)  # the model is frozen
         return self
 
     def route(self, model: str) -> Route | None:

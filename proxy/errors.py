@@ -8,7 +8,7 @@
     ├── PayloadTooLarge (413)       body over the configured limit
     ├── UpstreamRejected (4xx)      the upstream refused the request (its status and message)
     └── UpstreamError (502)         the upstream failed or answered garbage
-        ├── UpstreamUnavailable (503)  no upstream reachable
+        ├── UpstreamUnavailable (503)  no upstream reachable, or the upstream said 503
         └── UpstreamTimeout (504)      the upstream did not answer in time
 
 This module has no FastAPI import: pure code (rewrite, templates) raises these, and the app
@@ -29,6 +29,7 @@ class ProxyError(Exception):
         self.message = message
         self.param = param
         self.code = code
+        self.headers: dict[str, str] = {}  # sent with the error (an upstream's Retry-After)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.param, self.code)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,25 @@ FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response
 # Request ids: a random prefix per process and a counter (uuid4 per request costs a syscall).
 _ID_PREFIX = uuid.uuid4().hex[:12]
 _ID_COUNTER = itertools.count(1)
+# A client's own x-request-id is kept when it is a plain token; W3C trace context, version 00.
+CLIENT_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def new_request_id() -> str:
+    return f"ptst-{_ID_PREFIX}{next(_ID_COUNTER):x}"
+
+
+def client_ids(headers: Mapping[str, str]) -> tuple[str, str | None]:
+    """The request id (the client's `x-request-id` when it is a plain token, else a new one)
+    and the client's W3C `traceparent` when well formed: both go upstream and into the log."""
+    rid = headers.get("x-request-id")
+    if rid is None or not CLIENT_ID.fullmatch(rid):
+        rid = new_request_id()
+    parent = headers.get("traceparent")
+    if parent is not None and (not TRACEPARENT.fullmatch(parent) or parent.startswith("ff")):
+        parent = None
+    return rid, parent
 
 
 @dataclass
@@ -30,7 +51,8 @@ class Exchange:
     stream: bool
     messages: Any  # what the client asked: chat messages, or a raw prompt
     keep_text: bool
-    request_id: str = field(default_factory=lambda: f"ptst-{_ID_PREFIX}{next(_ID_COUNTER):x}")
+    request_id: str = field(default_factory=new_request_id)
+    traceparent: str | None = None
     started: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
     ttft: float | None = None
@@ -106,7 +128,14 @@ class Exchange:
             error=self.error,
             prompt_text=json.dumps(self.messages, ensure_ascii=False) if self.keep_text else None,
             completion_text="".join(self._text) if self.keep_text else None,
+            traceparent=self.traceparent,
         )
+
+    def upstream_headers(self) -> dict[str, str]:
+        """What the upstream hears of this request's identity."""
+        if self.traceparent is None:
+            return {"x-request-id": self.request_id}
+        return {"x-request-id": self.request_id, "traceparent": self.traceparent}
 
 
 def prompt_sha256(messages: Any) -> str:

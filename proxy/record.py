@@ -31,6 +31,7 @@ class LogRecord:
     error: str | None = None
     prompt_text: str | None = None
     completion_text: str | None = None
+    traceparent: str | None = None  # the client's W3C trace context, as sent upstream
 
     def to_dict(self) -> dict[str, Any]:
         return dict(zip(FIELDS, record_row(self), strict=True))

@@ -28,7 +28,7 @@ from ptst.proxy.errors import (
     Unauthorized,
     UpstreamError,
 )
-from ptst.proxy.exchange import Exchange
+from ptst.proxy.exchange import Exchange, client_ids
 from ptst.proxy.record import LogRecord
 from ptst.proxy.rewrite import Policy, enforce
 from ptst.proxy.rewrite_responses import enforce_responses
@@ -43,14 +43,17 @@ M = TypeVar("M", bound=BaseModel)
 
 def authorized(request: Request) -> ProxyState:
     """The app's state, once the request's API key checks out (a plain call, not a FastAPI
-    dependency: dependency resolution is measurable on this hot path)."""
+    dependency: dependency resolution is measurable on this hot path). Keys are compared as
+    bytes in constant time, every key every time; no message or log line ever holds one."""
     state: ProxyState = request.app.state.proxy
     keys = state.snapshot.settings.api_keys
     if keys:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(
-            hmac.compare_digest(token.strip(), k) for k in keys
-        ):
+        given = token.strip().encode("latin-1")  # the header's own bytes (any of them)
+        ok = False
+        for key in keys:
+            ok |= hmac.compare_digest(given, key.encode())
+        if scheme.lower() != "bearer" or not ok:
             raise Unauthorized(
                 "missing or invalid API key (send Authorization: Bearer <key>)",
                 code="invalid_api_key",
@@ -59,6 +62,7 @@ def authorized(request: Request) -> ProxyState:
 
 
 def public(request: Request) -> ProxyState:
+    """The app's state, for an endpoint that needs no key."""
     state: ProxyState = request.app.state.proxy
     return state
 
@@ -76,7 +80,7 @@ async def chat_completions(request: Request) -> Response:
         state.metrics.on_rejected("chat/completions", exc.status_code, exc.code or exc.error_type)
         raise
     convert = ChunkConverter() if path == "/completions" else None
-    ex = Exchange(route, mode, bool(req.stream), body["messages"], state.audit.settings.log_text)
+    ex = exchange(state, request, route, mode, bool(req.stream), body["messages"])
     answer = ChatAnswer.for_request(ex, upstream_body, req.stream_options, convert)
     return await forward(state, ex, path, upstream_body, answer)
 
@@ -95,7 +99,7 @@ async def responses(request: Request) -> Response:
         state.metrics.on_rejected("responses", exc.status_code, exc.code or exc.error_type)
         raise
     asked = {k: body[k] for k in ("instructions", "input") if body.get(k) is not None}
-    ex = Exchange(route, mode, bool(req.stream), asked, state.audit.settings.log_text)
+    ex = exchange(state, request, route, mode, bool(req.stream), asked)
     return await forward(state, ex, "/responses", upstream_body, ResponsesAnswer(ex))
 
 
@@ -117,10 +121,19 @@ async def completions(request: Request) -> Response:
     except ProxyError as exc:
         state.metrics.on_rejected("completions", exc.status_code, exc.code or exc.error_type)
         raise
-    ex = Exchange(route, "raw", bool(req.stream), body["prompt"], state.audit.settings.log_text)
+    ex = exchange(state, request, route, "raw", bool(req.stream), body["prompt"])
     upstream_body = {**body, "model": route.upstream_name}
     answer = ChatAnswer.for_request(ex, upstream_body, req.stream_options, None)
     return await forward(state, ex, "/completions", upstream_body, answer)
+
+
+def exchange(
+    state: ProxyState, request: Request, route: Route, mode: str, stream: bool, asked: Any
+) -> Exchange:
+    """The record of this request, under the client's request id and trace when it sent them."""
+    rid, parent = client_ids(request.headers)
+    keep_text = state.audit.settings.log_text
+    return Exchange(route, mode, stream, asked, keep_text, request_id=rid, traceparent=parent)
 
 
 async def forward(
@@ -129,7 +142,7 @@ async def forward(
     """Call the upstream and answer: a stream relayed as it arrives, or one JSON body."""
     state.metrics.on_request_start(ex.route.model)
     try:
-        call = await state.upstreams.open(ex.route, path, body)
+        call = await state.upstreams.open(ex.route, path, body, ex.upstream_headers())
     except BaseException as exc:
         finish(state, ex, exc)
         raise
@@ -217,7 +230,10 @@ async def health_ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
+    """Prometheus exposition; behind the API keys unless `server.metrics_public`."""
     state = public(request)
+    if not state.snapshot.settings.server.metrics_public:
+        authorized(request)
     body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)
 

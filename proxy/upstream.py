@@ -1,17 +1,25 @@
-"""Calls to the upstream OpenAI-compatible servers: pooled keep-alive connections
-(proxy/http1.py), replica choice (least outstanding requests), and the mapping of transport
-failures to proxy errors.
+"""Calls to the upstream OpenAI-compatible servers, on aiohttp: pooled keep-alive connections,
+replica choice (fewest outstanding requests; a replica that just failed goes last for a cooldown),
+a request not yet streaming retried on the next replica, per-route timeouts by phase, and the
+mapping of transport failures to proxy errors.
+
+aiohttp handles what a hand-written client got wrong: interim 1xx answers, compressed bodies
+(the proxy asks for `identity` and still decodes gzip or deflate), header size caps (128 fields
+of at most 8 KiB), HTTP(S)_PROXY and NO_PROXY from the environment, per-host limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from ptst.proxy import http1, jsonfast
-from ptst.proxy.config import Route, ServerSettings
+import aiohttp
+
+from ptst.proxy import jsonfast
+from ptst.proxy.config import Route, ServerSettings, Timeouts
 from ptst.proxy.errors import (
     ProxyError,
     UpstreamError,
@@ -20,85 +28,153 @@ from ptst.proxy.errors import (
     UpstreamUnavailable,
 )
 
-JSON_HEADERS = {"content-type": "application/json", "user-agent": "ptst-proxy"}
+# uvicorn (vLLM's server) closes a keep-alive connection after 5 s idle; a request written onto
+# one as it closes would fail, so connections idle this long are closed instead of reused.
+KEEPALIVE_S = 4.0
+BASE_HEADERS = {
+    "content-type": "application/json",
+    "accept-encoding": "identity",
+    "user-agent": "ptst-proxy",
+}
+# Upstream statuses after which the request goes to the next replica: this one is overloaded or
+# broken, and it did not generate anything for the request.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+PASSED_HEADERS = ("retry-after",)  # upstream response headers that reach the client on an error
 
 
 class Upstreams:
     """Must be created inside the running event loop (the app's lifespan)."""
 
     def __init__(self, settings: ServerSettings) -> None:
-        self.client = http1.Client(
-            settings.max_connections, settings.connect_timeout, settings.read_timeout
+        connector = aiohttp.TCPConnector(
+            limit=settings.max_connections,
+            limit_per_host=settings.max_connections_per_host,
+            keepalive_timeout=KEEPALIVE_S,
         )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            trust_env=True,  # HTTP(S)_PROXY, NO_PROXY
+            skip_auto_headers=("user-agent",),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        self.cooldown_s = settings.cooldown_s
         self.outstanding: collections.Counter[str] = collections.Counter()
+        self.cooling: dict[str, float] = {}  # replica -> monotonic time its cooldown ends
 
     async def aclose(self) -> None:
-        self.client.close()
+        await self.session.close()
 
-    async def open(self, route: Route, path: str, body: dict[str, Any]) -> Call:
+    def order(self, route: Route) -> list[str]:
+        """The route's replicas to try, best first: not cooling down, then fewest outstanding."""
+        if len(route.upstream) == 1:
+            return route.upstream
+        now = time.monotonic()
+        return sorted(
+            route.upstream,
+            key=lambda base: (self.cooling.get(base, 0.0) > now, self.outstanding[base]),
+        )
+
+    async def open(
+        self, route: Route, path: str, body: dict[str, Any], headers: Mapping[str, str]
+    ) -> Call:
         """Send a POST and return the open response once its status is known to be 200.
 
-        Replicas are tried in order of fewest outstanding requests; a replica that refuses the
-        connection is skipped (nothing was sent). The caller must `await call.close()`.
+        A replica that cannot be reached or answers 429/5xx is put in cooldown and the request
+        goes to the next one (nothing was generated for it yet); the last failure is what the
+        client sees. The caller must `await call.close()`.
         """
         content = jsonfast.dumps(body)
-        last: Exception | None = None
-        for base in sorted(route.upstream, key=self.outstanding.__getitem__):
-            self.outstanding[base] += 1
+        sent = {**BASE_HEADERS, **headers}
+        if route.api_key is not None:
+            sent["authorization"] = "Bearer " + route.api_key.get_secret_value()
+        limits = route.timeouts or Timeouts()
+        failure: ProxyError | None = None
+        for base in self.order(route):
             try:
-                conn = await self.client.request("POST", base + path, content, JSON_HEADERS)
-            except http1.ConnectError as exc:
-                self.outstanding[base] -= 1
-                last = exc
-                continue
-            except Exception as exc:
-                self.outstanding[base] -= 1
-                raise transport_error(exc, base) from exc
-            except BaseException:
-                self.outstanding[base] -= 1
-                raise
-            call = Call(self, base, conn)
-            if conn.status != 200:
-                await call.close_with_error()
-            return call
-        raise UpstreamUnavailable(
-            f"no upstream for model {route.model!r} accepted a connection ({last})",
-            code="upstream_unavailable",
+                return await self._send(base, path, content, sent, limits)
+            except _Retry as retry:
+                failure = retry.error
+                if self.cooldown_s:
+                    self.cooling[base] = time.monotonic() + self.cooldown_s
+        assert failure is not None  # a route has at least one replica
+        raise failure
+
+    async def _send(
+        self, base: str, path: str, content: bytes, headers: dict[str, str], limits: Timeouts
+    ) -> Call:
+        self.outstanding[base] += 1
+        timeout = aiohttp.ClientTimeout(
+            total=limits.total, connect=limits.pool + limits.connect, sock_connect=limits.connect
         )
+        try:
+            async with asyncio.timeout(limits.first_byte):
+                resp = await self.session.post(
+                    base + path, data=content, headers=headers, timeout=timeout
+                )
+        except BaseException as exc:
+            self.outstanding[base] -= 1
+            if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+                raise _Retry(transport_error(exc, base)) from exc  # nothing was sent
+            if isinstance(exc, Exception):
+                raise transport_error(exc, base) from exc
+            raise
+        call = Call(self, base, resp, limits.between_chunks)
+        if resp.status == 200:
+            return call
+        error = await call.read_error()
+        if resp.status in RETRY_STATUSES:
+            raise _Retry(error)
+        raise error
 
     async def get_health(self, base: str) -> bool:
         url = base.removesuffix("/v1") + "/health"
         try:
-            async with asyncio.timeout(2.0):
-                conn = await self.client.request("GET", url, read_timeout=2.0)
-                try:
-                    await conn.read()
-                finally:
-                    self.client.release(conn)
-        except (OSError, http1.ProtocolError):  # TimeoutError is an OSError
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (OSError, aiohttp.ClientError, TimeoutError):
             return False
-        return conn.status == 200
+
+
+class _Retry(Exception):
+    """This replica failed before generating anything: try the next one."""
+
+    def __init__(self, error: ProxyError) -> None:
+        self.error = error
 
 
 class Call:
     """One upstream response in flight."""
 
-    def __init__(self, owner: Upstreams, base: str, conn: http1.Connection) -> None:
+    def __init__(
+        self, owner: Upstreams, base: str, resp: aiohttp.ClientResponse, between_chunks: float
+    ) -> None:
         self.owner = owner
         self.base = base
-        self.conn = conn
+        self.resp = resp
+        self.between_chunks = between_chunks
         self._closed = False
 
-    def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, in whatever pieces the network delivers."""
-        return self.conn.chunks()
+        content = self.resp.content
+        while True:
+            async with asyncio.timeout(self.between_chunks):
+                piece = await content.readany()
+            if not piece:
+                return
+            yield piece
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        try:
+            return b"".join([piece async for piece in self.chunks()])
+        except Exception as exc:
+            raise transport_error(exc, self.base) from exc
 
     async def read_json(self) -> tuple[bytes, dict[str, Any]]:
         """The whole body, raw and decoded (the raw bytes can go to the client unchanged)."""
-        try:
-            raw = await self.conn.read()
-        except Exception as exc:
-            raise transport_error(exc, self.base) from exc
+        raw = await self.read()
         try:
             data = jsonfast.loads(raw)
         except ValueError:
@@ -116,33 +192,54 @@ class Call:
         if not self._closed:
             self._closed = True
             self.owner.outstanding[self.base] -= 1
-            self.owner.client.release(self.conn)
+            if self.resp.content.is_eof():
+                self.resp.release()
+            else:
+                self.resp.close()
 
-    async def close_with_error(self) -> None:
-        status = self.conn.status
+    async def read_error(self) -> ProxyError:
+        """The proxy error for a non-200 answer, with the upstream's message and Retry-After."""
+        status = self.resp.status
         try:
-            raw = await self.conn.read()
-        except (OSError, http1.ProtocolError):
+            raw = await self.read()
+        except ProxyError:
             raw = b""
         finally:
             await self.close()
         message = _upstream_message(raw) or f"upstream answered HTTP {status}"
-        if 400 <= status < 500 and status != 404:
-            raise UpstreamRejected(status, message, code="upstream_rejected")
+        headers = {k: v for k in PASSED_HEADERS if (v := self.resp.headers.get(k)) is not None}
+        error: ProxyError
         if status == 404:
             message = f"upstream {self.base} does not serve this route's model: {message}"
-        raise UpstreamError(f"upstream error (HTTP {status}): {message}", code="upstream_error")
+            error = UpstreamError(f"upstream error (HTTP 404): {message}", code="upstream_error")
+        elif 400 <= status < 500:
+            error = UpstreamRejected(status, message, code="upstream_rejected")
+        elif status == 503:
+            error = UpstreamUnavailable(
+                f"upstream {self.base} is unavailable (HTTP 503): {message}", code="upstream_busy"
+            )
+        else:
+            error = UpstreamError(
+                f"upstream error (HTTP {status}): {message}", code="upstream_error"
+            )
+        error.headers = headers
+        return error
 
 
-def transport_error(exc: Exception, base: str) -> ProxyError:
+def transport_error(exc: BaseException, base: str) -> ProxyError:
     """Map a failure while talking to an upstream to the proxy's error."""
     if isinstance(exc, ProxyError):
         return exc
-    if isinstance(exc, TimeoutError):
-        return UpstreamTimeout(f"upstream {base} timed out: {exc}", code="upstream_timeout")
-    if isinstance(exc, http1.ConnectError):
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamUnavailable(
-            f"cannot connect to upstream {base}", code="upstream_unavailable"
+            f"cannot connect to upstream {base}: {exc.os_error}", code="upstream_unavailable"
+        )
+    if isinstance(exc, TimeoutError):  # aiohttp's own timeouts are TimeoutErrors too
+        what = "connecting" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "answering"
+        return UpstreamTimeout(f"upstream {base} timed out {what}", code="upstream_timeout")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return UpstreamError(
+            f"upstream {base} closed the connection mid-answer: {exc}", code="upstream_error"
         )
     return UpstreamError(
         f"upstream {base} failed: {type(exc).__name__}: {exc}", code="upstream_error"
@@ -153,10 +250,10 @@ def error_kind(exc: BaseException) -> str:
     """The label for the upstream-errors metric."""
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
+    if isinstance(exc, UpstreamRejected) or getattr(exc, "code", None) == "upstream_busy":
+        return "status"
     if isinstance(exc, UpstreamUnavailable):
         return "connect"
-    if isinstance(exc, UpstreamRejected):
-        return "status"
     return "protocol"
 
 

@@ -70,7 +70,7 @@ def proxy(
             "template": "chat:llama",
         },
     ]
-    return start_proxy(routes, server={"read_timeout": 2.0, "max_body_bytes": 65536})
+    return start_proxy(routes, server={"timeouts": {"first_byte": 2.0, "between_chunks": 2.0}, "max_body_bytes": 65536})
 
 
 def upstream_saw(proxy: Proxy, model: str, **kwargs: Any) -> Any:

@@ -43,7 +43,7 @@ def proxy(start_proxy: Callable[..., Proxy], responder_url: str) -> Proxy:
         },
         {"model": "fake-raw", "upstream": responder_url, "upstream_model": "echo"},
     ]
-    return start_proxy(routes, server={"read_timeout": 2.0})
+    return start_proxy(routes, server={"timeouts": {"first_byte": 2.0, "between_chunks": 2.0}})
 
 
 def upstream_messages(proxy: Proxy, model: str = "fake-echo", **kwargs: Any) -> Any:
