@@ -15,8 +15,9 @@ from ptst.proxy.config import build_config, write_config
 
 
 @contextlib.contextmanager
-def responder(tokens: int = 16) -> Iterator[str]:
-    """Run the bench responder on a free port; yield its base URL (…/v1)."""
+def responder(tokens: int = 16, fault: str | None = None) -> Iterator[str]:
+    """Run the bench responder on a free port; yield its base URL (…/v1). With `fault`, every
+    request is answered as that model would be (a failing replica)."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -26,6 +27,7 @@ def responder(tokens: int = 16) -> Iterator[str]:
         str(port),
         "--tokens",
         str(tokens),
+        *(["--fault", fault] if fault else []),
     ]
     with Child("responder", cmd, keep=50) as child:
         child.wait_line(30)

@@ -15,11 +15,25 @@ behaviour, so one responder serves every test case:
     last-number        "Adding it up.\n#### N", N the last number in the last user message (or
                        prompt) as written, "#### none" without one: right exactly when a task's
                        answer is its question's last number (the safety bench's accuracy tests)
-    error-400/429/500  that status with an OpenAI error envelope
+    error-400/429/500/502/503
+                       that status with an OpenAI error envelope; 429 and 503 carry a
+                       Retry-After header (RETRY_AFTER)
     hang               never answers; returns when the client disconnects (counted)
+    hang-body          the 200 and its headers, then nothing until the client disconnects
+    hang-mid-stream    two chunks (or half the JSON body), then nothing until the client
+                       disconnects
     drop-mid-stream    two chunks (or half the JSON body), then the connection is cut
     garbage            200 with a non-JSON body, or a stream that is not SSE
+    bad-json           200 with a JSON body cut short (well framed), or a stream whose third
+                       event's data is JSON cut short, the rest of the stream intact
+    gzip               the normal answer, gzip-encoded (content-encoding: gzip) whatever the
+                       request's accept-encoding; a stream is compressed chunk by chunk, each
+                       flushed as it is sent
     slow               --token-interval-ms between stream chunks (and per token when not streaming)
+
+`--fault NAME` answers every generation request as model NAME would be answered, whatever the
+request asks for: a failing replica beside healthy ones (its requests are counted under NAME).
+Interim 1xx answers cannot be sent through ASGI: tests/fault_server.py sends those bytes.
 
 `POST /v1/responses` answers in the Responses API's shapes (a response object, or vLLM's named
 stream events from response.created to response.completed). Also `GET /v1/models`, `GET /health`, `GET /debug/requests` (the last 100 request bodies) and
@@ -31,12 +45,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import itertools
 import json
 import logging
 import re
 import socket
 import time
+import zlib
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -59,18 +75,33 @@ FAULT_MODELS = (
     "error-400",
     "error-429",
     "error-500",
+    "error-502",
+    "error-503",
     "hang",
+    "hang-body",
+    "hang-mid-stream",
     "drop-mid-stream",
     "garbage",
+    "bad-json",
+    "gzip",
     "slow",
 )
 _ERRORS = {
     "error-400": (400, "invalid_request_error", "injected bad request"),
     "error-429": (429, "rate_limit_error", "injected rate limit"),
     "error-500": (500, "internal_error", "injected server error"),
+    "error-502": (502, "internal_error", "injected bad gateway"),
+    "error-503": (503, "internal_error", "injected overload"),
 }
+RETRY_AFTER = {429: "7", 503: "11"}  # seconds, as the Retry-After header of those errors
+# Models whose answer stops after its first events (or half its JSON body): cut, or held open.
+_CUT = frozenset({"drop-mid-stream", "hang-mid-stream"})
+_CUT_AT = 2  # the stream event before which they stop
+_BAD_JSON = b'{"id":"chatcmpl-bad","object":"chat.completion","choices":[{"index":0,"message":'
+_BAD_EVENT = b'data: {"id":"chatcmpl-bad","choices":[{"index":0,"delta":{"content":"cut\n\n'
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_GZIP = (b"content-encoding", b"gzip")
 _DROP_LOG = "ASGI callable returned without completing response."
 
 
@@ -263,9 +294,12 @@ def plan_answer(model: str, body: dict[str, Any], chat: bool, default_tokens: in
 class Responder:
     """The ASGI application. One instance per process; state is only counters and the log."""
 
-    def __init__(self, tokens: int = 16, token_interval_ms: float = 50.0) -> None:
+    def __init__(
+        self, tokens: int = 16, token_interval_ms: float = 50.0, fault: str | None = None
+    ) -> None:
         self.tokens = tokens
         self.interval = token_interval_ms / 1000.0
+        self.fault = fault  # every request is answered as this model (a failing replica)
         self.stats = Stats()
         self.recent: deque[Any] = deque(maxlen=100)
         self._ids = itertools.count(1)
@@ -318,19 +352,28 @@ class Responder:
             await _send_json(send, 400, error_body(msg, "invalid_request_error"))
             return
         self.recent.append(body)
-        model: str = body["model"]
+        model: str = self.fault or body["model"]
         stats.by_model[model] += 1
         stream = bool(body.get("stream"))
 
         if model in _ERRORS:
             status, kind, message = _ERRORS[model]
             stats.errors_injected += 1
-            await _send_json(send, status, error_body(message, kind, code=str(status)))
+            headers = _JSON
+            if status in RETRY_AFTER:
+                headers = [*_JSON, (b"retry-after", RETRY_AFTER[status].encode())]
+            payload = json.dumps(error_body(message, kind, code=str(status))).encode()
+            await _send_bytes(send, status, payload, headers)
             return
-        if model == "hang":
-            while (await receive())["type"] != "http.disconnect":
-                pass
+        if model == "hang" or model == "hang-body":
+            if model == "hang-body":  # the head of an answer that never comes
+                await _start(send, 200, _SSE if stream else [*_JSON, (b"content-length", b"900")])
+            await _until_disconnect(receive)
             stats.disconnected += 1
+            return
+        if model == "bad-json" and not stream:
+            stats.completed += 1
+            await _send_bytes(send, 200, _BAD_JSON, _JSON)
             return
         if model == "garbage":
             stats.completed += 1
@@ -387,15 +430,27 @@ class Responder:
             "usage": _usage(answer.prompt_tokens, n),
         }
         data = json.dumps(payload, separators=(",", ":")).encode()
-        if model == "drop-mid-stream":
+        if model in _CUT:
             await _start(send, 200, [*_JSON, (b"content-length", str(len(data)).encode())])
             await send(
                 {"type": "http.response.body", "body": data[: len(data) // 2], "more_body": True}
             )
-            self.stats.dropped += 1
+            await self._cut(model, receive)
             return  # uvicorn closes the connection: the response was not completed
-        await _send_bytes(send, 200, data, _JSON)
+        if model == "gzip":
+            await _send_bytes(send, 200, gzip.compress(data), [*_JSON, _GZIP])
+        else:
+            await _send_bytes(send, 200, data, _JSON)
         self.stats.completed += 1
+
+    async def _cut(self, model: str, receive: Receive) -> None:
+        """Stop answering mid-answer: cut the connection (drop-mid-stream), or hold it open
+        until the client gives up (hang-mid-stream)."""
+        if model == "hang-mid-stream":
+            await _until_disconnect(receive)
+            self.stats.disconnected += 1
+        else:
+            self.stats.dropped += 1
 
     async def _answer_stream(
         self,
@@ -436,19 +491,29 @@ class Responder:
             usage = _usage(answer.prompt_tokens, len(answer.pieces))
             events.append(head | {"choices": [], "usage": usage})
 
-        await _start(send, 200, _SSE)
+        zipper = zlib.compressobj(wbits=31) if model == "gzip" else None  # 31: gzip framing
+        await _start(send, 200, _SSE if zipper is None else [*_SSE, _GZIP])
         slow = model == "slow"
+        cut_at = _CUT_AT if model in _CUT else -1
+        bad_at = _CUT_AT if model == "bad-json" else -1
         for i, event in enumerate(events):
-            if model == "drop-mid-stream" and i == 2:
-                self.stats.dropped += 1
+            if i == cut_at:
+                await self._cut(model, receive)
                 return  # uvicorn closes the connection: the response was not completed
             # "slow" pauses before each token after the first (the role chunk rides with it)
             if slow and i > (1 if chat else 0) and await _pause(receive, self.interval):
                 self.stats.disconnected += 1
                 return
             chunk = b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+            if zipper is not None:
+                chunk = zipper.compress(chunk) + zipper.flush(zlib.Z_SYNC_FLUSH)
+            elif i == bad_at:
+                chunk = _BAD_EVENT + chunk
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        end = b"data: [DONE]\n\n"
+        if zipper is not None:
+            end = zipper.compress(end) + zipper.flush()
+        await send({"type": "http.response.body", "body": end, "more_body": False})
         self.stats.completed += 1
 
     async def _answer_responses(
@@ -468,8 +533,8 @@ class Responder:
             return
         await _start(send, 200, _SSE)
         for i, event in enumerate(response_events(rid, model, created, answer)):
-            if model == "drop-mid-stream" and i == 5:  # after the first text delta
-                self.stats.dropped += 1
+            if model in _CUT and i == 5:  # after the first text delta
+                await self._cut(model, receive)
                 return  # uvicorn closes the connection: the response was not completed
             delta = event["type"] == "response.output_text.delta"
             if model == "slow" and delta and await _pause(receive, self.interval):
@@ -487,6 +552,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
     }
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _pause(receive: Receive, seconds: float) -> bool:
@@ -564,10 +634,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-interval-ms", type=float, default=50.0, help="pause between chunks for 'slow'"
     )
+    parser.add_argument(
+        "--fault",
+        choices=FAULT_MODELS,
+        default=None,
+        help="answer every request as this model would be answered (a failing replica)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    app = Responder(tokens=args.tokens, token_interval_ms=args.token_interval_ms)
+    app = Responder(tokens=args.tokens, token_interval_ms=args.token_interval_ms, fault=args.fault)
     config = uvicorn.Config(
         app,
         host=args.host,

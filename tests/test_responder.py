@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -10,7 +11,8 @@ import httpx
 import openai
 import pytest
 
-from ptst.bench.responder import REFUSAL, plan_answer, split_pieces, token_pieces
+from ptst.bench import procs
+from ptst.bench.responder import REFUSAL, RETRY_AFTER, plan_answer, split_pieces, token_pieces
 
 TOKENS = 16  # the responder_url fixture runs with the default --tokens
 FULL = "tok " * (TOKENS - 1) + "tok"
@@ -189,6 +191,79 @@ def test_garbage(responder_url: str) -> None:
         plain.json()
     stream = httpx.post(url, json={"model": "garbage", "messages": [], "stream": True}, timeout=5)
     assert stream.status_code == 200 and "data:" not in stream.text
+
+
+def test_retry_after_on_429_and_503(responder_url: str) -> None:
+    url = responder_url + "/chat/completions"
+    for model, status in (("error-429", 429), ("error-503", 503), ("error-502", 502)):
+        resp = httpx.post(url, json={"model": model, "messages": MESSAGES}, timeout=5)
+        assert resp.status_code == status
+        assert resp.headers.get("retry-after") == RETRY_AFTER.get(status)
+        assert resp.json()["error"]["code"] == str(status)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gzip_encodes_the_normal_answer(responder_url: str, stream: bool) -> None:
+    url = responder_url + "/chat/completions"
+    body = {"messages": MESSAGES, "stream": stream, "seed": 1}
+    plain = httpx.post(url, json={**body, "model": "bench"}, timeout=5)
+    with httpx.stream("POST", url, json={**body, "model": "gzip"}, timeout=5) as resp:
+        assert resp.headers["content-encoding"] == "gzip"
+        wire = resp.read()  # httpx decodes the gzip
+        assert resp.num_bytes_downloaded < len(wire)  # what crossed the wire was compressed
+    same = re.compile(rb'"(id|created|model)":("[^"]*"|\d+)')
+    assert same.sub(b"", wire) == same.sub(b"", plain.content)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_hangs_after_the_head_and_mid_answer(responder_url: str, stream: bool) -> None:
+    """hang-body sends the 200 and nothing more; hang-mid-stream the first events (or half the
+    body) and then nothing; both hold the connection until the client leaves."""
+    url = responder_url + "/chat/completions"
+    for model, some in (("hang-body", False), ("hang-mid-stream", True)):
+        before = debug(responder_url, "stats")["disconnected"]
+        body = {"model": model, "messages": MESSAGES, "stream": stream}
+        got = b""
+        timeout = httpx.Timeout(5.0, read=0.3)
+        with httpx.stream("POST", url, json=body, timeout=timeout) as resp:
+            assert resp.status_code == 200
+            with pytest.raises(httpx.ReadTimeout):
+                for piece in resp.iter_raw():
+                    got += piece
+        assert bool(got) == some, got
+        if some and stream:
+            assert got.count(b"data: {") == 2
+        deadline = time.monotonic() + 3
+        while debug(responder_url, "stats")["disconnected"] == before:
+            assert time.monotonic() < deadline, "the disconnect was not counted"
+            time.sleep(0.05)
+
+
+def test_bad_json(responder_url: str) -> None:
+    url = responder_url + "/chat/completions"
+    plain = httpx.post(url, json={"model": "bad-json", "messages": MESSAGES}, timeout=5)
+    assert plain.status_code == 200 and plain.text.startswith('{"id"')
+    with pytest.raises(ValueError):
+        plain.json()
+    body = {"model": "bad-json", "messages": MESSAGES, "stream": True}
+    stream = httpx.post(url, json=body, timeout=5)
+    data = [ln[6:] for ln in stream.text.split("\n") if ln.startswith("data: ")]
+    undecodable = []
+    for i, item in enumerate(data[:-1]):
+        try:
+            json.loads(item)
+        except ValueError:
+            undecodable.append(i)
+    assert undecodable == [2] and data[-1] == "[DONE]"
+
+
+def test_fault_option_answers_every_request_that_way() -> None:
+    with procs.responder(tokens=4, fault="error-503") as url:
+        resp = httpx.post(
+            url + "/chat/completions", json={"model": "bench", "messages": MESSAGES}, timeout=5
+        )
+        assert resp.status_code == 503
+        assert debug(url, "stats")["by_model"] == {"error-503": 1}
 
 
 def test_slow_paces_chunks_and_counts_cancelled_streams(responder_url: str) -> None:
