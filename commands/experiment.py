@@ -201,13 +201,17 @@ class Run:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        """Time a stage. Seconds add up over resumed invocations, an interrupted or failed one
+        included (its work is what the resume builds on); `finished` is set once it completes."""
         start = time.monotonic()
         print(f"ptst experiment: stage {name}", file=sys.stderr, flush=True)
-        yield
-        stages = self.log.setdefault("stages", {})
-        spent = stages.get(name, {}).get("seconds", 0.0) + time.monotonic() - start
-        stages[name] = {"seconds": round(spent, 1), "finished": time.time()}
-        self.save()
+        entry = self.log.setdefault("stages", {}).setdefault(name, {"seconds": 0.0})
+        try:
+            yield
+            entry["finished"] = time.time()
+        finally:
+            entry["seconds"] = round(entry["seconds"] + time.monotonic() - start, 1)
+            self.save()
 
     def ptst(self, *argv: str) -> None:
         """Run a `ptst` command as a child process; it is logged, and must succeed."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ptst.commands.experiment import PRESETS, Run
 from ptst.engine.backend import load_lora
 from ptst.engine.demo_model import ensure_model
 from ptst.tune.manifest import read_manifest
@@ -112,3 +113,20 @@ def test_experiment_smoke_preset(tmp_path: Path, vllm_url: str) -> None:
     commands = json.loads((out / "stages.json").read_text())["commands"]
     assert [c.split()[1] for c in commands].count("tune") == 2
     assert [c.split()[1] for c in commands].count("merge") == 1
+
+
+def test_stage_seconds_add_up_over_interrupted_and_resumed_runs(tmp_path: Path) -> None:
+    """An interrupted stage's time counts: the resumed run adds to it, and only the run that
+    completes the stage marks it finished."""
+    preset = PRESETS["smoke"]
+    first = Run(tmp_path, preset, tmp_path)
+    with pytest.raises(KeyboardInterrupt), first.stage("tune"):
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+    logged = json.loads((tmp_path / "stages.json").read_text())["stages"]["tune"]
+    assert logged["seconds"] >= 0.2 and "finished" not in logged
+    resumed = Run(tmp_path, preset, tmp_path)
+    with resumed.stage("tune"):
+        time.sleep(0.2)
+    logged = json.loads((tmp_path / "stages.json").read_text())["stages"]["tune"]
+    assert logged["seconds"] >= 0.4 and "finished" in logged
