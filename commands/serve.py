@@ -1,4 +1,6 @@
-"""`ptst serve --config FILE`: run the proxy with uvicorn."""
+"""`ptst serve --config FILE`: run the proxy with uvicorn. One worker runs in this process;
+several share a run folder this process makes (proxy/workers.py: summed metrics, reloads that
+reach every worker) under commands/supervisor.py."""
 
 from __future__ import annotations
 
@@ -13,11 +15,15 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from ptst.commands import supervisor
+from ptst.proxy import workers
 from ptst.proxy.app import create_app
 from ptst.proxy.config import ConfigError, load_settings
+from ptst.proxy.drain import BACKSTOP_S
 from ptst.proxy.state import SnapshotError
 
 CONFIG_ENV = "PTST_CONFIG"
+APP = "ptst.commands.serve:app_from_env"
 
 
 def app_from_env() -> FastAPI:
@@ -38,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=CONFIG_ENV not in os.environ,
         help=f"proxy YAML config (default: ${CONFIG_ENV})",
     )
-    parser.add_argument("--host", default=None, help="override server.host")
+    parser.add_argument(
+        "--host", default=None, help="override server.host (default: 127.0.0.1, loopback only)"
+    )
     parser.add_argument("--port", type=int, default=None, help="override server.port")
     parser.add_argument(
         "--workers", type=int, default=1, help="server processes on one port (default: 1)"
@@ -94,18 +102,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"ptst serve: {exc}", file=sys.stderr)
         return 2
     os.environ[CONFIG_ENV] = str(args.config.resolve())
-    uvicorn.run(
-        "ptst.commands.serve:app_from_env",
-        factory=True,
-        host=args.host or settings.server.host,
-        port=args.port if args.port is not None else settings.server.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        proxy_headers=False,  # the proxy does not use client addresses
-        log_level=args.log_level,
-        log_config=logging_config,
-        timeout_graceful_shutdown=30,
-    )
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": args.host or settings.server.host,
+        "port": args.port if args.port is not None else settings.server.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "proxy_headers": False,  # the proxy does not use client addresses
+        "log_level": args.log_level,
+        "log_config": logging_config,
+        # the app ends what still runs at shutdown_timeout_s (proxy/drain.py); uvicorn's own
+        # timeout is the backstop
+        "timeout_graceful_shutdown": settings.server.shutdown_timeout_s + BACKSTOP_S,
+    }
+    if args.workers <= 1:
+        os.environ.pop(workers.RUN_DIR_ENV, None)  # alone: no run folder, whatever we inherited
+        uvicorn.run(APP, **options)
+        return 0
+    with workers.run_folder() as run_dir:  # before the workers start: they inherit it
+        supervisor.serve(uvicorn.Config(APP, workers=args.workers, **options), run_dir)
     return 0

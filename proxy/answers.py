@@ -115,17 +115,21 @@ class ResponsesAnswer:
         return raw
 
     def failure(self, err: ProxyError) -> bytes:
-        """An `error` event in the Responses shape that also carries the OpenAI error envelope,
-        so that the SDK raises `APIError` as it does for chat."""
-        body = err.body()["error"]
-        payload = {
-            "type": "error",
-            "code": body["code"],
-            "message": body["message"],
-            "param": body["param"],
-            **err.body(),
-        }
-        return b"event: error\n" + event(payload)
+        return responses_error_event(err.body())
+
+
+def responses_error_event(envelope: dict[str, Any]) -> bytes:
+    """An `error` event in the Responses shape that also carries the OpenAI error envelope,
+    so that the SDK raises `APIError` as it does for chat."""
+    body = envelope["error"]
+    payload = {
+        "type": "error",
+        "code": body["code"],
+        "message": body["message"],
+        "param": body["param"],
+        **envelope,
+    }
+    return b"event: error\n" + event(payload)
 
 
 def _event_error(payload: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
 """`create_app(settings)`: the FastAPI app. Its lifespan owns the upstream pool, the metrics
-registry, the audit log writer and the template watcher; nothing lives in module globals."""
+registry, the audit log writer, the template watcher and the shutdown deadline; nothing lives
+in module globals."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
+from ptst.proxy import workers
 from ptst.proxy.audit import AuditLog
 from ptst.proxy.config import Settings
+from ptst.proxy.drain import Drain, DrainMiddleware
 from ptst.proxy.errors import ProxyError, error_body
 from ptst.proxy.metrics import Metrics
 from ptst.proxy.reload import Reloader
@@ -30,22 +34,26 @@ log = logging.getLogger("ptst")
 def create_app(settings: Settings, config_path: Path | None = None) -> FastAPI:
     """Build the proxy. With `config_path`, edits to that file are picked up live."""
     snapshot = build_snapshot(settings)  # fail at start on unknown templates, bad files
+    server = snapshot.settings.server  # read at start only, as uvicorn's own settings are
+    drain = Drain(server.shutdown_timeout_s)
+    run_dir = workers.current()  # one of several workers of a `ptst serve`, or None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        metrics = Metrics()
+        metrics = Metrics(multiprocess_dir=workers.metrics_dir(run_dir) if run_dir else None)
         audit = AuditLog(snapshot.settings.log, metrics)
         upstreams = Upstreams(snapshot.settings.server)
         rescorer = await start_second_stage(snapshot.settings)
         state = ProxyState(snapshot, upstreams, metrics, audit, rescorer)
-        reloader = Reloader(state, config_path)
+        reloader = Reloader(state, config_path, run_dir)
         app.state.proxy, app.state.reloader = state, reloader
         if not snapshot.settings.api_keys:
             log.warning("no api_keys configured: the proxy is open to anyone who can reach it")
         await audit.start()
         watcher = asyncio.create_task(reloader.watch())
         try:
-            yield
+            with drain.on_signals():
+                yield
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -57,11 +65,20 @@ def create_app(settings: Settings, config_path: Path | None = None) -> FastAPI:
 
     app = FastAPI(title="ptst-proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(router)
+    app.add_middleware(DrainMiddleware, drain=drain)
+    if server.cors_allow_origins:  # no CORS headers at all unless origins are configured
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=server.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],  # the OpenAI SDKs send several x-stainless-* headers
+            expose_headers=["x-request-id", "x-ptst-refusal", "retry-after"],
+        )
 
     @app.post("/admin/reload")
     async def admin_reload(request: Request) -> JSONResponse:
         state = authorized(request)
-        error = await request.app.state.reloader.reload()
+        error = await request.app.state.reloader.reload(everywhere=True)
         if error:
             return JSONResponse(error_body(error, "reload_error"), status_code=400)
         snap = state.snapshot

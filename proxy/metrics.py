@@ -16,6 +16,10 @@
     ptst_second_stage_total{route,outcome}                       counter (confirmed, overturned,
                                                                  skipped: backlog full)
 
+With several workers (`ptst serve --workers N`) the values live in prometheus_client's
+multiprocess files (proxy/workers.py) and `render` sums every worker's, live or exited; the
+in-flight gauge counts live workers only, the reload gauge is the lowest of the live workers.
+
 Label values come from configuration (route, template, upstream model) or small fixed sets;
 each label still keeps at most `max_label_values` distinct values, later ones become "other",
 so a misbehaving caller cannot blow up the series count.
@@ -23,6 +27,7 @@ so a misbehaving caller cannot blow up the series count.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -33,6 +38,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from ptst.proxy.record import LogRecord
 
@@ -61,15 +67,28 @@ class _LabelGuard:
 
 
 class Metrics:
-    """The proxy's metrics; one instance per app, on its own registry unless one is given."""
+    """The proxy's metrics; one instance per app, on its own registry unless one is given.
+    `multiprocess_dir`: the folder of prometheus_client's multiprocess files, when this process
+    is one of several workers (PROMETHEUS_MULTIPROC_DIR was set before prometheus_client was
+    imported); scrapes then read every worker's files."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, max_label_values: int = 200):
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        max_label_values: int = 200,
+        multiprocess_dir: Path | None = None,
+    ):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
         self._label = _LabelGuard(max_label_values)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.in_flight = Gauge(
-            "ptst_requests_in_flight", "Requests being served.", ["route"], registry=r
+            "ptst_requests_in_flight",
+            "Requests being served.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.requests = Counter(
             "ptst_requests",
@@ -142,7 +161,10 @@ class Metrics:
             registry=r,
         )
         self.template_reload_ok = Gauge(
-            "ptst_template_reload_ok", "1 if the last template reload succeeded.", registry=r
+            "ptst_template_reload_ok",
+            "1 if the last template reload succeeded (in every live worker).",
+            registry=r,
+            multiprocess_mode="livemin",
         )
 
     def _child(self, metric: Any, *values: str) -> Any:
@@ -214,4 +236,8 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type, for `GET /metrics`."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()  # read anew each scrape, as prometheus_client documents
+        MultiProcessCollector(registry, path=str(self.multiprocess_dir))
+        return generate_latest(registry), CONTENT_TYPE_LATEST

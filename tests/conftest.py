@@ -144,13 +144,21 @@ def start_proxy(
 ) -> Iterator[Callable[..., Proxy]]:
     started: list[Child] = []
 
-    def start(routes: list[dict[str, Any]], timeout: float = 60, **extra: Any) -> Proxy:
+    def start(
+        routes: list[dict[str, Any]], timeout: float = 60, workers: int = 1, **extra: Any
+    ) -> Proxy:
         folder = tmp_path_factory.mktemp("proxy")
         path, config = write_proxy_config(folder, routes, **extra)
         port = config["server"]["port"]
-        server = start_server(f"proxy-{port}", [*PTST, "serve", "--config", str(path)], log_dir)
+        cmd = [*PTST, "serve", "--config", str(path), "--workers", str(workers)]
+        server = start_server(f"proxy-{port}", cmd, log_dir)
         started.append(server)
         server.wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while sum("startup complete" in line for line in list(server.lines)) < workers:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise server.failure(f"did not start {workers} workers")
+            time.sleep(0.1)
         return Proxy(server, f"http://127.0.0.1:{port}/v1", path, config)
 
     yield start
