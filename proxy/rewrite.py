@@ -13,7 +13,9 @@ What a client cannot do on an enforced route:
   (`prepend`), are dropped (`replace`) or answered with 400 (`reject`);
 - open a turn from inside its text: role markers and special tokens (`<|im_start|>`, `[INST]`,
   `<<SYS>>`, `<|start_header_id|>`, ...) found case-insensitively in any client string that a
-  chat template may render (content, names, tool calls, tool definitions) are neutralized by
+  chat template may render (content, names, tool calls, tool definitions; object keys too, and
+  the JSON that tool-call `arguments` strings decode to, since vLLM decodes them and templates
+  render them with `tojson`) are neutralized by
   inserting one space after their first character (`<|im_start|>` -> `< |im_start|>`,
   `[INST]` -> `[ INST]`, `</s>` -> `< /s>`), which no tokenizer reads as the special token
   and which stays visible in logs; or answered with 400 naming the marker (`reject`);
@@ -24,6 +26,7 @@ What a client cannot do on an enforced route:
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -84,16 +87,43 @@ ROLE_MARKERS: tuple[str, ...] = (
     "</tool_call>",
     "<tool_response>",
     "</tool_response>",
+    # StarCoder-family code tokens, special in SmolLM2's and StarCoder2's tokenizers
+    "<repo_name>",
+    "<reponame>",
+    "<file_sep>",
+    "<filename>",
+    "<gh_stars>",
+    "<issue_start>",
+    "<issue_comment>",
+    "<issue_closed>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<jupyter_script>",
+    "<empty_output>",
+    "<fim_prefix>",
+    "<fim_middle>",
+    "<fim_suffix>",
+    "<fim_pad>",
 )
 # Whole families: ChatML, Llama-3, Phi, GPT (`<|im_start|>`, `<|eot_id|>`, `<|endoftext|>`,
 # `<|reserved_special_token_7|>`, ...) and DeepSeek's full-width `<｜begin▁of▁sentence｜>`.
 _MARKER_FAMILIES = (r"<\|[^\s|<>]{1,64}\|>", r"<｜[^\s｜]{1,64}｜>")
 _MAX_PASSES = 8
 
-# Keys whose values are not text a chat template renders (or are ours to keep).
-_NOT_TEXT = frozenset(
-    {"role", "type", "image_url", "input_audio", "audio_url", "video_url", "file", "image_embeds"}
+# Keys whose values are not text a chat template renders (or are ours to keep), skipped only
+# where they have that meaning: in a message or input item and in its content parts. Anywhere
+# else (tool definitions, tool-call arguments) every key and value may reach the prompt through
+# a template's `tojson`.
+_PART_KEYS = frozenset(
+    {"type", "image_url", "input_audio", "audio_url", "video_url", "file", "image_embeds"}
 )
+_NOT_TEXT = _PART_KEYS | {"role"}
+_EVERY_KEY: frozenset[str] = frozenset()
+# Tool-call arguments: a JSON string that vLLM decodes (escapes and all) before the template
+# renders it, so `"\u003c|im_start|>"` is a marker once decoded.
+_JSON_TEXT = "arguments"
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Content parts vLLM reads as text, whatever the API they came from (chat or Responses).
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
@@ -163,7 +193,7 @@ def enforce_chat(body: dict[str, Any], template: Template, policy: Policy) -> di
         rewritten.append(cleaned)
     out["messages"] = rewritten
     if isinstance(out.get("tools"), list):
-        out["tools"] = _clean(out["tools"], "tools", pattern, policy)
+        out["tools"] = _clean(out["tools"], "tools", pattern, policy, _EVERY_KEY)
     return out
 
 
@@ -229,18 +259,53 @@ def _defuse(text: str, path: str, pattern: re.Pattern[str], policy: Policy) -> s
     return neutralize(text, pattern)
 
 
-def _clean(value: Any, path: str, pattern: re.Pattern[str], policy: Policy) -> Any:
-    """Defuse every string a chat template may render, keeping the structure."""
+def _clean(
+    value: Any,
+    path: str,
+    pattern: re.Pattern[str],
+    policy: Policy,
+    skip: frozenset[str] = _NOT_TEXT,
+) -> Any:
+    """Defuse every string a chat template may render, keys included, keeping the structure.
+
+    `skip` names the keys of this level whose values are not rendered text: `_NOT_TEXT` for a
+    message or input item, `_PART_KEYS` for its content parts; below them every key and value
+    is defused."""
     if isinstance(value, str):
         return _defuse(value, path, pattern, policy)
     if isinstance(value, list):
-        return [_clean(item, f"{path}[{i}]", pattern, policy) for i, item in enumerate(value)]
+        return [_clean(item, f"{path}[{i}]", pattern, policy, skip) for i, item in enumerate(value)]
     if isinstance(value, dict):
-        return {
-            key: item if key in _NOT_TEXT else _clean(item, f"{path}.{key}", pattern, policy)
-            for key, item in value.items()
-        }
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            if key in skip:
+                out[key] = item
+                continue
+            where = f"{path}.{key}"
+            # a message's or item's content parts; a "content" key anywhere else is just a key
+            inner = _PART_KEYS if key == "content" and skip is _NOT_TEXT else _EVERY_KEY
+            cleaned = _clean(item, where, pattern, policy, inner)
+            if key == _JSON_TEXT and isinstance(cleaned, str):
+                cleaned = _clean_json_text(cleaned, where, pattern, policy)
+            new_key = _defuse(key, where, pattern, policy) if isinstance(key, str) else key
+            out[new_key] = cleaned
+        return out
     return value
+
+
+def _clean_json_text(text: str, path: str, pattern: re.Pattern[str], policy: Policy) -> str:
+    """A JSON string as the template will see it once decoded: re-encoded when its decoded keys
+    or values held a marker (an escape such as `\\u007c` hides one from the raw text)."""
+    if "\\" not in text:  # no escape: the raw text was checked already
+        return text
+    try:
+        decoded = json.loads(text)
+    except ValueError:
+        return text  # not JSON: vLLM renders it as an empty object
+    except RecursionError:
+        raise BadRequest(f"{path} is nested too deeply", param=path) from None
+    cleaned = _clean(decoded, path, pattern, policy, _EVERY_KEY)
+    return text if cleaned == decoded else json.dumps(cleaned, ensure_ascii=False)
 
 
 def _clean_message(

@@ -31,6 +31,7 @@ from typing import Any
 
 from ptst.proxy.errors import BadRequest
 from ptst.proxy.rewrite import (
+    _EVERY_KEY,
     _SYSTEM_ROLES,
     BYPASS_FIELDS,
     Policy,
@@ -81,7 +82,7 @@ def enforce_responses(body: dict[str, Any], template: Template, policy: Policy) 
             if item.get("role") not in _SYSTEM_ROLES
         ]
     if isinstance(out.get("tools"), list):
-        out["tools"] = _clean(out["tools"], "tools", pattern, policy)
+        out["tools"] = _clean(out["tools"], "tools", pattern, policy, _EVERY_KEY)
     return out
 
 
