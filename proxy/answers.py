@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from ptst.proxy import jsonfast
 from ptst.proxy.convert import completion_to_chat
-from ptst.proxy.errors import ProxyError
+from ptst.proxy.errors import ProxyError, UpstreamError
 from ptst.proxy.exchange import FINAL_EVENTS, Exchange
 from ptst.proxy.schemas import StreamOptions
 from ptst.proxy.sse import DONE, event
@@ -86,6 +86,8 @@ class ChatAnswer:
             return None
         if isinstance(payload, dict) and "error" in payload:
             self.ex.fail(502, str(payload["error"]))
+        elif payload is None:
+            return unreadable(raw)
         return raw
 
     def failure(self, err: ProxyError) -> bytes:
@@ -112,6 +114,8 @@ class ResponsesAnswer:
                 self.done = True
             if kind in ("error", "response.failed") or "error" in payload:
                 self.ex.fail(502, _event_error(payload))
+        elif payload is None:
+            return unreadable(raw)
         return raw
 
     def failure(self, err: ProxyError) -> bytes:
@@ -130,6 +134,19 @@ def responses_error_event(envelope: dict[str, Any]) -> bytes:
         **envelope,
     }
     return b"event: error\n" + event(payload)
+
+
+def unreadable(raw: bytes) -> bytes | None:
+    """An event the parser could not decode. If its data is not JSON, the stream ends with an
+    error: the detector cannot read it, so it must not reach the client. A comment (a
+    keep-alive) passes; an event of lines that are no SSE field is dropped: the client gets
+    only what the proxy understood."""
+    lines = raw.splitlines()
+    if any(line.startswith(b"data:") for line in lines):
+        raise UpstreamError(
+            "upstream sent a stream event whose data is not JSON", code="upstream_bad_event"
+        )
+    return raw if all(not line or line.startswith(b":") for line in lines) else None
 
 
 def _event_error(payload: dict[str, Any]) -> str:

@@ -7,10 +7,13 @@ import json
 import random
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ptst.proxy.answers import unreadable
 from ptst.proxy.convert import ChunkConverter, completion_to_chat
+from ptst.proxy.errors import UpstreamError
 from ptst.proxy.sse import DONE, SSEParser, event
 
 EVENTS = [
@@ -85,6 +88,16 @@ def test_every_stream_parses_the_same_in_any_split(
     assert [p for _, p in out] == [p for p, _ in items]
     assert b"".join(raw for raw, _ in out) == data
     assert parser.pending == b""
+
+
+def test_undecodable_events_never_reach_the_client() -> None:
+    """A comment passes; lines that are no SSE field are dropped; data that is not JSON ends
+    the stream with an error (the detector cannot read it)."""
+    assert unreadable(b": keep-alive\r\n\r\n") == b": keep-alive\r\n\r\n"
+    assert unreadable(b"this is not SSE\n{{{ nor JSON\n\n") is None
+    for raw in (b'data: {"choices": [{"delta": "cut\n\n', b"event: x\rdata: {oops\r\r"):
+        with pytest.raises(UpstreamError):
+            unreadable(raw)
 
 
 def test_chunk_conversion() -> None:
