@@ -6,13 +6,15 @@ flight finish up to the deadline or end with an error event and [DONE], log reco
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +23,7 @@ from ptst.bench import procs
 from ptst.commands import serve
 from ptst.engine import up
 from ptst.proxy.config import ServerSettings
+from ptst.proxy.drain import Drain, DrainMiddleware
 from tests.conftest import Proxy, responder_routes
 from tests.servers import run_dir_of, worker_pids
 
@@ -137,7 +140,7 @@ def test_keys_never_reach_a_log_a_record_or_an_answer(keyed: Proxy) -> None:
             answers.append(reply.text)
         # a key in bytes that are not ASCII: a 401, not a 500 from the comparison
         odd = client.post(
-            "/chat/completions", json=chat, headers={"authorization": b"Bearer \xe9t\xe9"}
+            "/chat/completions", json=chat, headers={b"authorization": b"Bearer \xe9t\xe9"}
         )
         assert odd.status_code == 401
     for rid in ids:
@@ -267,3 +270,93 @@ def test_sigterm_drains_streams_then_flushes_the_log(
     assert by_id[short.request_id]["completion_tokens"] == 20
     assert by_id[long.request_id]["status"] != 200
     assert not any(Path(d).exists() for d in run_dirs)  # the run folder went with the parent
+
+
+# The deadline's last word, in process (no server): each shape of answer it can cut.
+
+Message = MutableMapping[str, Any]
+SSE = [(b"content-type", b"text/event-stream")]
+
+
+async def never() -> Message:
+    """An ASGI receive whose client neither sends nor leaves."""
+    await asyncio.sleep(30)
+    return {"type": "http.disconnect"}
+
+
+def drained(path: str, chunks: int | None, deadline_s: float = 0.1) -> list[Message]:
+    """What a client gets from an app that sends `chunks` SSE chunks (None: nothing at all)
+    and then hangs, when shutdown starts at once with this deadline."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if chunks is not None:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE})
+            for _ in range(chunks):
+                await send(
+                    {"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True}
+                )
+        await asyncio.sleep(30)
+
+    async def main() -> list[Message]:
+        drain = Drain(deadline_s)
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        task = asyncio.create_task(
+            DrainMiddleware(app, drain)({"type": "http", "path": path}, never, send)
+        )
+        await asyncio.sleep(0.01)
+        drain.begin()
+        await asyncio.wait_for(task, 5)
+        assert not drain.active
+        return sent
+
+    return asyncio.run(main())
+
+
+def test_deadline_answers_a_request_not_yet_answered_with_503() -> None:
+    start, body = drained("/v1/chat/completions", None)
+    assert start["status"] == 503
+    assert json.loads(body["body"])["error"]["code"] == "shutting_down"
+    assert not body.get("more_body", False)
+
+
+def test_deadline_ends_a_chat_stream_with_an_error_event_and_done() -> None:
+    *relayed, last = drained("/v1/chat/completions", 2)
+    assert [m["type"] for m in relayed] == ["http.response.start", *["http.response.body"] * 2]
+    error, done = last["body"].decode().split("\n\n")[:2]
+    assert json.loads(error.removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert done == "data: [DONE]"
+    assert last["more_body"] is False
+
+
+def test_deadline_ends_a_responses_stream_with_an_error_event() -> None:
+    *_, last = drained("/v1/responses", 1)
+    event, data = last["body"].decode().strip().split("\n")
+    assert event == "event: error"
+    assert json.loads(data.removeprefix("data: "))["code"] == "shutting_down"
+    assert b"[DONE]" not in last["body"]  # the Responses API has no [DONE]
+
+
+def test_a_request_that_ends_before_the_deadline_is_untouched() -> None:
+    async def main() -> list[Message]:
+        drain = Drain(5.0)
+        sent: list[Message] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        drain.begin()
+        await DrainMiddleware(app, drain)(
+            {"type": "http", "path": "/v1/chat/completions"}, never, send
+        )
+        return sent
+
+    sent = asyncio.run(main())
+    assert [m.get("body") for m in sent] == [None, b"data: [DONE]\n\n"]
