@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from ptst.proxy import workers
+from ptst.proxy import openapi, workers
 from ptst.proxy.audit import AuditLog
 from ptst.proxy.config import Settings
 from ptst.proxy.drain import Drain, DrainMiddleware
@@ -65,6 +65,7 @@ def create_app(settings: Settings, config_path: Path | None = None) -> FastAPI:
 
     app = FastAPI(title="ptst-proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(router)
+    openapi.install(app)  # the generation routes are plain Starlette routes: add them
     app.add_middleware(DrainMiddleware, drain=drain)
     if server.cors_allow_origins:  # no CORS headers at all unless origins are configured
         app.add_middleware(

@@ -330,7 +330,16 @@ def _merge_text_parts(parts: list[Any]) -> list[Any]:
 
 
 def _is_text_part(part: Any) -> bool:
-    return isinstance(part, dict) and part.get("type") in _TEXT_PARTS
+    kind = part.get("type") if isinstance(part, dict) else None
+    return isinstance(kind, str) and kind in _TEXT_PARTS
+
+
+def shown(value: Any) -> str:
+    """A client value for an error message: a string quoted (cut at 100 characters), anything
+    else by its JSON type only."""
+    if isinstance(value, str):
+        return repr(value[:100] + "..." if len(value) > 100 else value)
+    return "null" if value is None else f"a {type(value).__name__}"
 
 
 def _wrap(content: Any, template: Template, text_type: str = "text") -> Any:
@@ -397,9 +406,9 @@ def _checked_messages(body: Any) -> list[Message]:
         if not isinstance(message, dict):
             raise BadRequest(f"{path} must be an object", param=path)
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # a dict or list is unhashable
             raise BadRequest(
-                f"{path}.role must be one of {', '.join(sorted(_ROLES))}, got {role!r}",
+                f"{path}.role must be one of {', '.join(sorted(_ROLES))}, got {shown(role)}",
                 param=f"{path}.role",
             )
         _check_content(message.get("content"), role, f"{path}.content")

@@ -43,6 +43,7 @@ from ptst.proxy.rewrite import (
     _without_bypass_fields,
     _wrap,
     marker_pattern,
+    shown,
 )
 from ptst.proxy.templates import Template
 
@@ -104,9 +105,10 @@ def _checked_input(body: Any) -> list[dict[str, Any]]:
             raise BadRequest(f"{path} must be an object", param=path)
         if "role" in item:
             role = item["role"]
-            if role not in _ITEM_ROLES:
+            if not isinstance(role, str) or role not in _ITEM_ROLES:  # dicts are unhashable
                 raise BadRequest(
-                    f"{path}.role must be one of {', '.join(sorted(_ITEM_ROLES))}, got {role!r}",
+                    f"{path}.role must be one of {', '.join(sorted(_ITEM_ROLES))}, "
+                    f"got {shown(role)}",
                     param=f"{path}.role",
                 )
             _check_content(item.get("content"), role, f"{path}.content")
@@ -156,7 +158,7 @@ def _clean_item(
     policy: Policy,
 ) -> dict[str, Any]:
     if last and item.get("type", "message") in ("message", "reasoning"):
-        if item.get("status") in _PREFILL_STATUS:
+        if isinstance(item.get("status"), str) and item["status"] in _PREFILL_STATUS:
             if policy.bypass == "reject":
                 raise BadRequest(
                     f"{path}.status: a last item marked {item['status']!r} makes the upstream "

@@ -216,6 +216,8 @@ def test_enforce_picks_the_endpoint() -> None:
         (["hi"], "messages[0]"),
         ([{"content": "hi"}], "messages[0].role"),
         ([{"role": "root", "content": "hi"}], "messages[0].role"),
+        ([{"role": {}, "content": "hi"}], "messages[0].role"),  # unhashable: was a 500
+        ([{"role": ["user"], "content": "hi"}], "messages[0].role"),
         ([{"role": "user", "content": 3}], "messages[0].content"),
         ([{"role": "user"}], "messages[0].content"),
         ([{"role": "user", "content": [{"text": "x"}]}], "messages[0].content[0]"),
