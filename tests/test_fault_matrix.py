@@ -33,7 +33,7 @@ LIMIT = 12.0  # seconds any one call may take: a hang fails the test instead of 
 # The proxy's own limits on the routes that need them (server.timeouts and routes' timeouts).
 TIMEOUTS = {"connect": 1.0, "pool": 1.0, "first_byte": 1.5, "between_chunks": 1.0, "total": 4.0}
 TOKENS = 200  # per responder answer: a `slow` one (50 ms a token) outlasts the total timeout
-COOLDOWN_S = 2.0
+COOLDOWN_S = 3.0
 TEXT = "the quick brown fox"
 USER = [{"role": "user", "content": TEXT}]
 
@@ -373,11 +373,11 @@ def test_a_failing_replica_is_skipped_and_cools_down(
     assert tried() == before + 1
     cooling = time.monotonic()
     good = counted(good_replica, route)
-    for _ in range(8):
+    for _ in range(6):
         assert ask(replica_proxy, route, stream) == answer
     assert time.monotonic() - cooling < COOLDOWN_S, "the check ran past the cooldown"
     assert tried() == before + 1, "a replica in its cooldown was tried"
-    assert counted(good_replica, route) == good + 8
+    assert counted(good_replica, route) == good + 6
     time.sleep(COOLDOWN_S + 0.5)
     for _ in range(4):
         assert ask(replica_proxy, route, stream) == answer
@@ -438,7 +438,10 @@ WINDOW_S = 5.0  # for vLLM to drop a request whose client left
 def test_client_disconnect_cancels_the_vllm_request(demo_proxy: Proxy, vllm_url: str) -> None:
     """A client that leaves mid-stream ends the generation upstream: vLLM's running-requests
     gauge is back to 0 within seconds, long before the 1,500 tokens asked for were written."""
-    assert vllm_running(vllm_url) == 0
+    settle = time.monotonic()
+    while vllm_running(vllm_url) > 0:  # an earlier test's request, still being dropped
+        assert time.monotonic() - settle < WINDOW_S, "vLLM is busy before the test"
+        time.sleep(0.2)
     client = demo_proxy.client(timeout=120)
     stream = client.chat.completions.create(
         model="demo",
