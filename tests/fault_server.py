@@ -5,7 +5,8 @@ accepts, where connecting hangs. bench/responder.py serves every other fault.
 
 Like the responder, the request's `model` picks the behaviour:
 
-    parrot          200: the last user message, word for word (chat JSON or an SSE stream)
+    parrot          200: the last user message (the prompt on /v1/completions), word for word,
+                    as one JSON answer or an SSE stream in that endpoint's shape
     interim-100     `HTTP/1.1 100 Continue`, a pause, then what parrot answers
     interim-103     `HTTP/1.1 103 Early Hints` with a Link header, a pause, then parrot's answer
     empty-reply     the connection is closed once the request is read: not one byte back
@@ -91,11 +92,12 @@ class FaultServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         try:
-            while (body := await read_request(reader)) is not None:
+            while (request := await read_request(reader)) is not None:
+                path, body = request
                 model = body.get("model") if isinstance(body, dict) else None
                 model = model if model in BEHAVIOURS else "parrot"
                 self.requests[model] += 1
-                if not await answer(writer, model, body):
+                if not await answer(writer, model, body, not path.endswith("/v1/completions")):
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -104,14 +106,17 @@ class FaultServer:
             writer.close()
 
 
-async def read_request(reader: asyncio.StreamReader) -> Any:
-    """The JSON body of the next request on the connection (None once the client closed)."""
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, Any] | None:
+    """The path and JSON body of the next request on the connection (None once the client
+    closed)."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
+    first, *lines = head.decode("latin-1").split("\r\n")
+    path = first.split(" ")[1] if first.count(" ") >= 2 else "/"
     headers = {}
-    for line in head.decode("latin-1").split("\r\n")[1:]:
+    for line in lines:
         if ":" in line:
             name, value = line.split(":", 1)
             headers[name.strip().lower()] = value.strip()
@@ -123,12 +128,12 @@ async def read_request(reader: asyncio.StreamReader) -> Any:
     else:
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
     try:
-        return json.loads(raw) if raw else {}
+        return path, json.loads(raw) if raw else {}
     except ValueError:
-        return {}
+        return path, {}
 
 
-async def answer(writer: asyncio.StreamWriter, model: str, body: Any) -> bool:
+async def answer(writer: asyncio.StreamWriter, model: str, body: Any, chat: bool) -> bool:
     """Write the behaviour's bytes; False when the connection is to be closed."""
     if model == "empty-reply":
         return False
@@ -145,24 +150,26 @@ async def answer(writer: asyncio.StreamWriter, model: str, body: Any) -> bool:
         extra = b"x-huge: " + b"a" * HUGE_HEADER + b"\r\n"
     elif model == "many-headers":
         extra = b"".join(b"x-h%d: %s\r\n" % (i, b"b" * 40) for i in range(HUGE_HEADER // 48))
-    text = (last_user_text(body, chat=True) if isinstance(body, dict) else None) or ""
+    text = (last_user_text(body, chat) if isinstance(body, dict) else None) or ""
     if isinstance(body, dict) and body.get("stream"):
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        await write_stream(writer, model, text, usage, extra)
+        await write_stream(writer, model, text, chat, usage, extra)
     else:
-        writer.write(json_answer(model, text, extra))
+        writer.write(json_answer(model, text, chat, extra))
         await writer.drain()
     return True
 
 
-def chat_completion(model: str, text: str) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+def completion(model: str, text: str, chat: bool) -> dict[str, Any]:
+    """A whole answer: a chat.completion, or a text_completion for /v1/completions."""
+    choice: dict[str, Any] = {"index": 0}
+    choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+    choice |= {"logprobs": None, "finish_reason": "stop"}
     n = len(split_pieces(text)) if text else 0
     usage = {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n}
     return {
-        "id": "chatcmpl-fault",
-        "object": "chat.completion",
+        "id": "chatcmpl-fault" if chat else "cmpl-fault",
+        "object": "chat.completion" if chat else "text_completion",
         "created": 0,
         "model": model,
         "choices": [choice],
@@ -170,30 +177,45 @@ def chat_completion(model: str, text: str) -> dict[str, Any]:
     }
 
 
-def json_answer(model: str, text: str, extra_headers: bytes = b"") -> bytes:
-    data = json.dumps(chat_completion(model, text)).encode()
+def json_answer(model: str, text: str, chat: bool, extra_headers: bytes = b"") -> bytes:
+    data = json.dumps(completion(model, text, chat)).encode()
     head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + extra_headers
     return head + b"content-length: %d\r\n\r\n" % len(data) + data
 
 
-def chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    head = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": 0}
+def chunk(model: str, chat: bool, text: str, finish: str | None = None) -> dict[str, Any]:
+    """One stream event: a chat.completion.chunk whose delta holds `text` (none on the
+    finishing chunk), or a text_completion chunk for /v1/completions."""
+    choice: dict[str, Any] = {"index": 0}
+    if chat:
+        choice["delta"] = {} if finish else {"content": text}
+    else:
+        choice["text"] = text
+    choice |= {"logprobs": None, "finish_reason": finish}
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    head = {"id": "chatcmpl-fault" if chat else "cmpl-fault", "object": kind, "created": 0}
     return head | {"model": model, "choices": [choice]}
 
 
 async def write_stream(
-    writer: asyncio.StreamWriter, model: str, text: str, usage: bool, extra_headers: bytes = b""
+    writer: asyncio.StreamWriter,
+    model: str,
+    text: str,
+    chat: bool,
+    usage: bool,
+    extra_headers: bytes = b"",
 ) -> None:
-    """The chat stream of `text`, one word per event, each in an HTTP chunk of its own."""
+    """The stream of `text`, one word per event, each in an HTTP chunk of its own."""
     pieces = split_pieces(text) if text else []
-    events = [chunk(model, {"role": "assistant", "content": ""})]
-    events += [chunk(model, {"content": p}) for p in pieces]
-    events.append(chunk(model, {}, "stop"))
+    events = [chunk(model, chat, "")]
+    if chat:  # the role rides on the first chat chunk, as vLLM sends it
+        events[0]["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+    events += [chunk(model, chat, p) for p in pieces]
+    events.append(chunk(model, chat, "", "stop"))
     if usage:
         n = len(pieces)
         counts = {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n}
-        events.append(chunk(model, {}) | {"choices": [], "usage": counts})
+        events.append(chunk(model, chat, "") | {"choices": [], "usage": counts})
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
     writer.write(head + extra_headers + b"\r\n")
     items = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
