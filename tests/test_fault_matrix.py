@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -223,17 +224,24 @@ def test_fault_on_the_wire(
     proxy = matrix_proxies(case.timed)
     route = name if mode == "messages" else f"prompt-{name}"
     body = {"model": route, "messages": USER, "stream": stream}
+    request_id = f"matrix-{route}-{stream}-{uuid.uuid4().hex[:8]}"
 
     def whole(text: str) -> bool:  # in prompt mode a parrot repeats the whole rendered prompt
         assert case.ok_text is not None
         return text == case.ok_text or (mode == "prompt" and case.ok_text in text)
 
+    url = proxy.base_url + "/chat/completions"
     with (
         httpx.Client(timeout=httpx.Timeout(LIMIT)) as client,
-        client.stream("POST", proxy.base_url + "/chat/completions", json=body) as resp,
+        client.stream("POST", url, json=body, headers={"x-request-id": request_id}) as resp,
     ):
         raw = resp.read()
     assert resp.status_code != 500, raw
+    (record,) = proxy.log_records(request_id)  # one log record, whatever went wrong
+    if case.ok_text is None:  # a failure is logged with its status, after a 200 too
+        assert record["status"] in case.status and record["error"], record
+    else:
+        assert record["status"] == 200, record
     if case.ok_text is not None:
         assert resp.status_code == 200, raw
         if not stream:
