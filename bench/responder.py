@@ -24,8 +24,9 @@ behaviour, so one responder serves every test case:
                        disconnects
     drop-mid-stream    two chunks (or half the JSON body), then the connection is cut
     garbage            200 with a non-JSON body, or a stream that is not SSE
-    bad-json           200 with a JSON body cut short (well framed), or a stream whose third
-                       event's data is JSON cut short, the rest of the stream intact
+    bad-json           200 with a JSON body cut short (well framed), or a stream with one event
+                       whose data is JSON cut short (the third; for /v1/responses, before the
+                       second text delta), the rest of the stream intact
     gzip               the normal answer, gzip-encoded (content-encoding: gzip) whatever the
                        request's accept-encoding; a stream is compressed chunk by chunk, each
                        flushed as it is sent
@@ -99,6 +100,10 @@ _CUT = frozenset({"drop-mid-stream", "hang-mid-stream"})
 _CUT_AT = 2  # the stream event before which they stop
 _BAD_JSON = b'{"id":"chatcmpl-bad","object":"chat.completion","choices":[{"index":0,"message":'
 _BAD_EVENT = b'data: {"id":"chatcmpl-bad","choices":[{"index":0,"delta":{"content":"cut\n\n'
+_BAD_RESPONSES_EVENT = (
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"cut'
+    b"\n\n"
+)
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _GZIP = (b"content-encoding", b"gzip")
@@ -429,7 +434,11 @@ class Responder:
             "choices": [choice],
             "usage": _usage(answer.prompt_tokens, n),
         }
-        data = json.dumps(payload, separators=(",", ":")).encode()
+        await self._send_whole(send, receive, model, json.dumps(payload, separators=(",", ":")))
+
+    async def _send_whole(self, send: Send, receive: Receive, model: str, text: str) -> None:
+        """A whole JSON answer: sent, gzip-encoded, or cut halfway (drop and hang faults)."""
+        data = text.encode()
         if model in _CUT:
             await _start(send, 200, [*_JSON, (b"content-length", str(len(data)).encode())])
             await send(
@@ -528,10 +537,10 @@ class Responder:
             text = "".join(answer.pieces)
             usage = _responses_usage(answer.prompt_tokens, answer)
             payload = response_object(rid, model, created, text, "completed", usage)
-            await _send_json(send, 200, payload)
-            self.stats.completed += 1
+            await self._send_whole(send, receive, model, json.dumps(payload))
             return
-        await _start(send, 200, _SSE)
+        zipper = zlib.compressobj(wbits=31) if model == "gzip" else None
+        await _start(send, 200, _SSE if zipper is None else [*_SSE, _GZIP])
         for i, event in enumerate(response_events(rid, model, created, answer)):
             if model in _CUT and i == 5:  # after the first text delta
                 await self._cut(model, receive)
@@ -541,8 +550,14 @@ class Responder:
                 self.stats.disconnected += 1
                 return
             chunk = f"event: {event['type']}\ndata: ".encode() + json.dumps(event).encode()
-            await send({"type": "http.response.body", "body": chunk + b"\n\n", "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            chunk += b"\n\n"
+            if model == "bad-json" and i == 5:
+                chunk = _BAD_RESPONSES_EVENT + chunk
+            if zipper is not None:
+                chunk = zipper.compress(chunk) + zipper.flush(zlib.Z_SYNC_FLUSH)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        end = zipper.flush() if zipper is not None else b""
+        await send({"type": "http.response.body", "body": end, "more_body": False})
         self.stats.completed += 1
 
 

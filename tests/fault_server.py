@@ -6,7 +6,8 @@ accepts, where connecting hangs. bench/responder.py serves every other fault.
 Like the responder, the request's `model` picks the behaviour:
 
     parrot          200: the last user message (the prompt on /v1/completions), word for word,
-                    as one JSON answer or an SSE stream in that endpoint's shape
+                    as one JSON answer or an SSE stream in the shape of the endpoint asked
+                    (chat, completions, or responses)
     interim-100     `HTTP/1.1 100 Continue`, a pause, then what parrot answers
     interim-103     `HTTP/1.1 103 Early Hints` with a Link header, a pause, then parrot's answer
     empty-reply     the connection is closed once the request is read: not one byte back
@@ -30,7 +31,14 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from ptst.bench.responder import last_user_text, split_pieces
+from ptst.bench.responder import (
+    Answer,
+    last_user_text,
+    response_events,
+    response_object,
+    responses_as_chat,
+    split_pieces,
+)
 
 BEHAVIOURS = (
     "parrot",
@@ -97,7 +105,7 @@ class FaultServer:
                 model = body.get("model") if isinstance(body, dict) else None
                 model = model if model in BEHAVIOURS else "parrot"
                 self.requests[model] += 1
-                if not await answer(writer, model, body, not path.endswith("/v1/completions")):
+                if not await answer(writer, model, body, path):
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -133,7 +141,7 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[str, Any] | None:
         return path, {}
 
 
-async def answer(writer: asyncio.StreamWriter, model: str, body: Any, chat: bool) -> bool:
+async def answer(writer: asyncio.StreamWriter, model: str, body: Any, path: str) -> bool:
     """Write the behaviour's bytes; False when the connection is to be closed."""
     if model == "empty-reply":
         return False
@@ -150,37 +158,75 @@ async def answer(writer: asyncio.StreamWriter, model: str, body: Any, chat: bool
         extra = b"x-huge: " + b"a" * HUGE_HEADER + b"\r\n"
     elif model == "many-headers":
         extra = b"".join(b"x-h%d: %s\r\n" % (i, b"b" * 40) for i in range(HUGE_HEADER // 48))
-    text = (last_user_text(body, chat) if isinstance(body, dict) else None) or ""
-    if isinstance(body, dict) and body.get("stream"):
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        await write_stream(writer, model, text, chat, usage, extra)
+    body = body if isinstance(body, dict) else {}
+    shape = "responses" if path.endswith("/responses") else "chat"
+    shape = "completions" if path.endswith("/v1/completions") else shape
+    if body.get("stream"):
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        writer.write(head + b"transfer-encoding: chunked\r\n" + extra + b"\r\n")
+        for item in stream_events(shape, model, body):  # one HTTP chunk each
+            writer.write(b"%x\r\n%s\r\n" % (len(item), item))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
     else:
-        writer.write(json_answer(model, text, chat, extra))
-        await writer.drain()
+        data = json.dumps(whole_answer(shape, model, body)).encode()
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + extra
+        writer.write(head + b"content-length: %d\r\n\r\n" % len(data) + data)
+    await writer.drain()
     return True
 
 
-def completion(model: str, text: str, chat: bool) -> dict[str, Any]:
-    """A whole answer: a chat.completion, or a text_completion for /v1/completions."""
+def parrot(shape: str, body: dict[str, Any]) -> Answer:
+    """The last user message (the prompt for /v1/completions), one word per piece."""
+    if shape == "responses":
+        text = last_user_text(responses_as_chat(body), chat=True)
+    else:
+        text = last_user_text(body, chat=shape == "chat")
+    pieces = split_pieces(text) if text else []
+    return Answer(pieces, "stop", len(pieces))
+
+
+def whole_answer(shape: str, model: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One JSON answer in the endpoint's shape."""
+    answer = parrot(shape, body)
+    text, n = "".join(answer.pieces), len(answer.pieces)
+    if shape == "responses":
+        usage = {"input_tokens": n, "output_tokens": n, "total_tokens": 2 * n}
+        return response_object("resp_fault", model, 0, text, "completed", usage)
     choice: dict[str, Any] = {"index": 0}
-    choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+    if shape == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
     choice |= {"logprobs": None, "finish_reason": "stop"}
-    n = len(split_pieces(text)) if text else 0
-    usage = {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n}
     return {
-        "id": "chatcmpl-fault" if chat else "cmpl-fault",
-        "object": "chat.completion" if chat else "text_completion",
+        "id": "chatcmpl-fault" if shape == "chat" else "cmpl-fault",
+        "object": "chat.completion" if shape == "chat" else "text_completion",
         "created": 0,
         "model": model,
         "choices": [choice],
-        "usage": usage,
+        "usage": {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n},
     }
 
 
-def json_answer(model: str, text: str, chat: bool, extra_headers: bytes = b"") -> bytes:
-    data = json.dumps(completion(model, text, chat)).encode()
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + extra_headers
-    return head + b"content-length: %d\r\n\r\n" % len(data) + data
+def stream_events(shape: str, model: str, body: dict[str, Any]) -> list[bytes]:
+    """The stream in the endpoint's shape: one piece per event, chat's role on the first, the
+    usage chunk when asked for, then [DONE]; or vLLM's named Responses events."""
+    answer = parrot(shape, body)
+    if shape == "responses":
+        events = response_events("resp_fault", model, 0, answer)
+        return [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+    chat = shape == "chat"
+    chunks = [chunk(model, chat, "")]
+    if chat:
+        chunks[0]["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+    chunks += [chunk(model, chat, piece) for piece in answer.pieces]
+    chunks.append(chunk(model, chat, "", "stop"))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        n = len(answer.pieces)
+        usage = {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n}
+        chunks.append(chunk(model, chat, "") | {"choices": [], "usage": usage})
+    return [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
 
 
 def chunk(model: str, chat: bool, text: str, finish: str | None = None) -> dict[str, Any]:
@@ -195,35 +241,6 @@ def chunk(model: str, chat: bool, text: str, finish: str | None = None) -> dict[
     kind = "chat.completion.chunk" if chat else "text_completion"
     head = {"id": "chatcmpl-fault" if chat else "cmpl-fault", "object": kind, "created": 0}
     return head | {"model": model, "choices": [choice]}
-
-
-async def write_stream(
-    writer: asyncio.StreamWriter,
-    model: str,
-    text: str,
-    chat: bool,
-    usage: bool,
-    extra_headers: bytes = b"",
-) -> None:
-    """The stream of `text`, one word per event, each in an HTTP chunk of its own."""
-    pieces = split_pieces(text) if text else []
-    events = [chunk(model, chat, "")]
-    if chat:  # the role rides on the first chat chunk, as vLLM sends it
-        events[0]["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-    events += [chunk(model, chat, p) for p in pieces]
-    events.append(chunk(model, chat, "", "stop"))
-    if usage:
-        n = len(pieces)
-        counts = {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n}
-        events.append(chunk(model, chat, "") | {"choices": [], "usage": counts})
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
-    writer.write(head + extra_headers + b"\r\n")
-    items = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
-    for item in [*items, b"data: [DONE]\n\n"]:
-        writer.write(b"%x\r\n%s\r\n" % (len(item), item))
-        await writer.drain()
-    writer.write(b"0\r\n\r\n")
-    await writer.drain()
 
 
 @contextlib.contextmanager

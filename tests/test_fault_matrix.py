@@ -11,7 +11,7 @@ a started stream is never restarted. Last, against real vLLM CPU: a client that 
 mid-stream cancels the generation.
 
 On the wire each fault is also tried in prompt mode, where the proxy asks the upstream's
-/v1/completions and converts the answer to chat as it streams.
+/v1/completions and converts the answer to chat as it streams, and on /v1/responses.
 """
 
 from __future__ import annotations
@@ -268,6 +268,66 @@ def test_fault_on_the_wire(
         assert "choices" in json.loads(item), item
     if case.started:
         assert stream_text(data[:-2]), "the chunks sent before the fault reached the client"
+
+
+def named_events(raw: bytes) -> list[tuple[str, Any]]:
+    """A Responses stream as (event name, decoded data); fails on any line that is neither."""
+    events = []
+    for block in raw.decode().replace("\r\n", "\n").split("\n\n"):
+        lines = [ln for ln in block.split("\n") if ln]
+        if not lines:
+            continue
+        assert [ln.split(": ", 1)[0] for ln in lines] == ["event", "data"], lines[:4]
+        events.append((lines[0].removeprefix("event: "), json.loads(lines[1][6:])))
+    return events
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_fault_on_the_responses_wire(
+    matrix_proxies: Callable[[bool], Proxy], name: str, stream: bool
+) -> None:
+    """The same faults on /v1/responses: statuses as for chat; a stream that has answered 200
+    ends with an `error` event that carries the OpenAI envelope (this API sends no [DONE])."""
+    case = FAULTS[name]
+    proxy = matrix_proxies(case.timed)
+    request_id = f"matrix-responses-{name}-{stream}-{uuid.uuid4().hex[:8]}"
+    body = {"model": name, "input": TEXT, "stream": stream}
+    url = proxy.base_url + "/responses"
+    with (
+        httpx.Client(timeout=httpx.Timeout(LIMIT)) as client,
+        client.stream("POST", url, json=body, headers={"x-request-id": request_id}) as resp,
+    ):
+        raw = resp.read()
+    assert resp.status_code != 500, raw
+    (record,) = proxy.log_records(request_id)
+    if case.ok_text is not None:
+        assert resp.status_code == 200 and record["status"] == 200, (raw[:300], record)
+        if not stream:
+            (message,) = json.loads(raw)["output"]
+            assert message["content"][0]["text"] == case.ok_text
+            return
+        events = named_events(raw)
+        assert events[-1][0] == "response.completed", events[-1]
+        deltas = [e["delta"] for kind, e in events if kind == "response.output_text.delta"]
+        assert "".join(deltas) == case.ok_text
+        return
+    assert record["status"] in case.status and record["error"], record
+    if resp.status_code != 200:
+        assert not (stream and case.started), "a started stream must stay a 200"
+        assert resp.status_code in case.status, (resp.status_code, raw)
+        assert_envelope(json.loads(raw))
+        if case.retry_after is not None:
+            assert resp.headers.get("retry-after") == case.retry_after
+        return
+    assert stream, f"a non-streamed fault answered 200: {raw[:300]!r}"
+    events = named_events(raw)
+    kind, error = events[-1]
+    assert kind == "error" and error["type"] == "error", events[-3:]
+    assert_envelope(error)
+    assert all(kind.startswith("response.") for kind, _ in events[:-1]), events[:-1]
+    if case.started:
+        assert any(kind == "response.output_text.delta" for kind, _ in events), events
 
 
 def test_an_interim_answer_leaves_the_connection_in_step(
