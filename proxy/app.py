@@ -44,7 +44,7 @@ def create_app(settings: Settings, config_path: Path | None = None) -> FastAPI:
         audit = AuditLog(snapshot.settings.log, metrics)
         upstreams = Upstreams(snapshot.settings.server)
         rescorer = await start_second_stage(snapshot.settings)
-        state = ProxyState(snapshot, upstreams, metrics, audit, rescorer)
+        state = ProxyState(snapshot, upstreams, metrics, audit, rescorer, drain)
         reloader = Reloader(state, config_path, run_dir)
         app.state.proxy, app.state.reloader = state, reloader
         if not snapshot.settings.api_keys:

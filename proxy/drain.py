@@ -41,6 +41,7 @@ class Drain:
     def __init__(self, deadline_s: float) -> None:
         self.deadline_s = deadline_s
         self.draining = False
+        self.expired = False  # the deadline passed: what is cut off now, it cut off
         self.active: set[_Request] = set()
 
     def begin(self) -> None:
@@ -56,6 +57,7 @@ class Drain:
         asyncio.get_running_loop().call_later(self.deadline_s, self.expire)
 
     def expire(self) -> None:
+        self.expired = True
         if self.active:
             log.warning(
                 "shutdown deadline (%.1f s) passed: ending %d request(s) still running",

@@ -19,6 +19,7 @@ from ptst.proxy import jsonfast, sse
 from ptst.proxy.answers import Answer, ChatAnswer, ResponsesAnswer
 from ptst.proxy.config import Mode, Route
 from ptst.proxy.convert import ChunkConverter
+from ptst.proxy.drain import SHUTDOWN_MESSAGE
 from ptst.proxy.errors import (
     BadRequest,
     Forbidden,
@@ -294,8 +295,8 @@ async def relay(
                 yield out
         if not answer.done:
             raise UpstreamError(f"upstream {call.base} ended the stream before its end event")
-    except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
-        ex.fail(499, "client disconnected")
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream,
+        ex.fail(*cancelled(state))  # or the shutdown deadline passed
         state.metrics.on_upstream_error(ex.route.model, "cancelled")
         raise
     except Exception as exc:
@@ -308,7 +309,9 @@ async def relay(
 
 def finish(state: ProxyState, ex: Exchange, exc: BaseException | None = None) -> LogRecord:
     """Record the exchange: metrics now, the log record through the background writer."""
-    if isinstance(exc, ProxyError):
+    if isinstance(exc, asyncio.CancelledError):
+        ex.fail(*cancelled(state))
+    elif isinstance(exc, ProxyError):
         ex.fail(exc.status_code, exc.message)
         if exc.status_code >= 500 or exc.code == "upstream_rejected":
             state.metrics.on_upstream_error(ex.route.model, error_kind(exc))
@@ -332,6 +335,14 @@ def finish(state: ProxyState, ex: Exchange, exc: BaseException | None = None) ->
     state.metrics.on_request_complete(record)
     state.audit.submit(record)
     return record
+
+
+def cancelled(state: ProxyState) -> tuple[int, str]:
+    """The logged status of a request cut off: by the shutdown deadline (proxy/drain.py), or by
+    its client going away."""
+    if state.drain is not None and state.drain.expired:
+        return 503, SHUTDOWN_MESSAGE
+    return 499, "client disconnected"
 
 
 TOO_DEEP = "request body is nested too deeply"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ptst.proxy.audit import AuditLog
 from ptst.proxy.config import Mode, Route, Settings, load_settings
+from ptst.proxy.drain import Drain
 from ptst.proxy.errors import NotFound
 from ptst.proxy.metrics import Metrics
 from ptst.proxy.rewrite import Policy
@@ -92,9 +93,11 @@ class ProxyState:
         metrics: Metrics,
         audit: AuditLog,
         rescorer: Rescorer | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.upstreams = upstreams
         self.metrics = metrics
         self.audit = audit
         self.rescorer = rescorer  # the refusal detector's second stage, when `log.second_stage`
+        self.drain = drain  # the shutdown deadline: a request it cuts off is logged as such

@@ -268,7 +268,8 @@ def test_sigterm_drains_streams_then_flushes_the_log(
     assert len(records) == 2 and set(by_id) == {short.request_id, long.request_id}
     assert by_id[short.request_id]["status"] == 200
     assert by_id[short.request_id]["completion_tokens"] == 20
-    assert by_id[long.request_id]["status"] != 200
+    assert by_id[long.request_id]["status"] == 503  # cut by the deadline, not by its client
+    assert by_id[long.request_id]["error"] == "the proxy is shutting down"
     assert not any(Path(d).exists() for d in run_dirs)  # the run folder went with the parent
 
 
