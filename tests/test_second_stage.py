@@ -127,19 +127,21 @@ def scored() -> dict[str, dict[str, Scores]]:
 
 
 # Floors under the leave-one-source-out figures measured when the corpus and the weights were
-# last built (README, "Refusal detection"; pooled P 0.945, R 0.924, F1 0.934): pooled 0.01-0.02
-# lower, each source's F1 0.05 lower. A change that loses more than that fails here.
-POOLED_FLOORS = {"precision": 0.93, "recall": 0.91, "f1": 0.92}
+# last built (README, "Refusal detection"; 12 sources, pooled P 0.944, R 0.897, F1 0.920):
+# pooled 0.01-0.02 lower, each source's F1 about 0.02 lower. A change that loses more fails here.
+POOLED_FLOORS = {"precision": 0.93, "recall": 0.88, "f1": 0.90}
 SOURCE_F1_FLOORS = {
-    "hand-assistant": 0.89,
-    "hand-claude": 0.89,
-    "hand-frontier": 0.86,
-    "hand-gpt": 0.92,
-    "hand-llama": 0.92,
-    "hand-open": 0.89,
-    "hand-small": 0.90,
+    "hand-assistant": 0.94,
+    "hand-claude": 0.93,
+    "hand-cutoff": 0.94,
+    "hand-frontier": 0.90,
+    "hand-gpt": 0.96,
+    "hand-llama": 0.96,
+    "hand-open": 0.91,
+    "hand-small": 0.94,
+    "hand-terse": 0.70,  # one-line declines with no refusal word: the weakest style
     "qwen2.5-coder-0.5b": 0.79,
-    "rules-dev": 0.91,
+    "rules-dev": 0.93,
     "smollm2-135m": 0.45,  # 14 refusals in 405 answers: a few false alarms weigh heavily
 }
 
