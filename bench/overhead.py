@@ -465,7 +465,7 @@ def fast_plots(folder: Path, result: dict[str, Any]) -> list[Path]:
     parts = [p for p in PHASES if p in result]
     names = {
         "loaded": f"{result['connections']} conns, closed",
-        "at_rate": f"{result['rate']:g} req/s, open",
+        "at_rate": f"{result['rate'] or 0:g} req/s, open",  # only named when it ran
         "single": "1 conn, closed",
     }
     groups = [names[p] for p in parts]

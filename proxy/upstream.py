@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -53,13 +56,16 @@ class Upstreams:
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
-            trust_env=True,  # HTTP(S)_PROXY, NO_PROXY
             skip_auto_headers=("user-agent",),
             timeout=aiohttp.ClientTimeout(total=None),
         )
         self.cooldown_s = settings.cooldown_s
         self.outstanding: collections.Counter[str] = collections.Counter()
         self.cooling: dict[str, float] = {}  # replica -> monotonic time its cooldown ends
+        # HTTP(S)_PROXY / NO_PROXY, read once per upstream: aiohttp's trust_env reads the
+        # environment and ~/.netrc on every request, which cost ~0.9 ms each here.
+        self._proxies = urllib.request.getproxies_environment()
+        self._proxy_of: dict[str, str | None] = {}
 
     async def aclose(self) -> None:
         await self.session.close()
@@ -73,6 +79,14 @@ class Upstreams:
             route.upstream,
             key=lambda base: (self.cooling.get(base, 0.0) > now, self.outstanding[base]),
         )
+
+    def proxy_for(self, base: str) -> str | None:
+        """The forward proxy the environment names for this upstream, if any."""
+        if base not in self._proxy_of:
+            parts = urlsplit(base)
+            bypass = urllib.request.proxy_bypass(parts.netloc)  # NO_PROXY
+            self._proxy_of[base] = None if bypass else self._proxies.get(parts.scheme)
+        return self._proxy_of[base]
 
     async def open(
         self, route: Route, path: str, body: dict[str, Any], headers: Mapping[str, str]
@@ -103,13 +117,15 @@ class Upstreams:
         self, base: str, path: str, content: bytes, headers: dict[str, str], limits: Timeouts
     ) -> Call:
         self.outstanding[base] += 1
-        timeout = aiohttp.ClientTimeout(
-            total=limits.total, connect=limits.pool + limits.connect, sock_connect=limits.connect
-        )
+        timeout = client_timeout(limits.total, limits.pool, limits.connect)
         try:
             async with asyncio.timeout(limits.first_byte):
                 resp = await self.session.post(
-                    base + path, data=content, headers=headers, timeout=timeout
+                    base + path,
+                    data=content,
+                    headers=headers,
+                    timeout=timeout,
+                    proxy=self.proxy_for(base),
                 )
         except BaseException as exc:
             self.outstanding[base] -= 1
@@ -134,6 +150,13 @@ class Upstreams:
                 return resp.status == 200
         except (OSError, aiohttp.ClientError, TimeoutError):
             return False
+
+
+@functools.lru_cache(maxsize=64)
+def client_timeout(total: float | None, pool: float, connect: float) -> aiohttp.ClientTimeout:
+    """aiohttp's timeouts for one request: its `connect` is the pool wait and the connection
+    together; first byte and between chunks are the proxy's own (`asyncio.timeout`)."""
+    return aiohttp.ClientTimeout(total=total, connect=pool + connect, sock_connect=connect)
 
 
 class _Retry(Exception):
@@ -166,9 +189,11 @@ class Call:
             yield piece
 
     async def read(self) -> bytes:
-        """The whole body."""
+        """The whole body, which must arrive within `between_chunks` of its head (an answer
+        that is not streamed is sent whole once generated)."""
         try:
-            return b"".join([piece async for piece in self.chunks()])
+            async with asyncio.timeout(self.between_chunks):
+                return await self.resp.read()
         except Exception as exc:
             raise transport_error(exc, self.base) from exc
 
