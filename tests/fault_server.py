@@ -1,6 +1,6 @@
 """An upstream that writes raw HTTP/1.1 bytes, for the faults an ASGI server cannot produce:
 interim 1xx answers in their own packet before the real one, a connection closed before any
-answer, a status line that is not HTTP, headers without end; and a listener that never
+answer, a status line that is not HTTP, megabytes of headers; and a listener that never
 accepts, where connecting hangs. bench/responder.py serves every other fault.
 
 Like the responder, the request's `model` picks the behaviour:

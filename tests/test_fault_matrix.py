@@ -3,7 +3,7 @@
 stream that ends with an error event and `data: [DONE]`; never a 500, never a hang.
 
 The upstreams: bench/responder.py (one behaviour per model name), tests/fault_server.py (the
-raw bytes an ASGI server cannot send: 1xx interim answers, a closed or non-HTTP reply, endless
+raw bytes an ASGI server cannot send: 1xx interim answers, a closed or non-HTTP reply, huge
 headers), a port nothing listens on, and a listener that never accepts. Each case is checked
 twice: with the official SDK (max_retries=0) and byte by byte with httpx. Then replicas: a
 failing one is skipped for `server.cooldown_s` and a request not yet streaming moves to another;
