@@ -179,6 +179,23 @@ def stream_text(data: list[str]) -> str:
     return "".join(text)
 
 
+def post(
+    proxy: Proxy, path: str, body: dict[str, Any], request_id: str
+) -> tuple[httpx.Response, bytes, dict[str, Any]]:
+    """POST on the wire under our own request id: the response, its raw bytes, and the one log
+    record it left (exactly one, whatever went wrong); never a 500."""
+    with (
+        httpx.Client(timeout=httpx.Timeout(LIMIT)) as client,
+        client.stream(
+            "POST", proxy.base_url + path, json=body, headers={"x-request-id": request_id}
+        ) as resp,
+    ):
+        raw = resp.read()
+    assert resp.status_code != 500, raw
+    (record,) = proxy.log_records(request_id)
+    return resp, raw, record
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_through_the_sdk(
@@ -230,14 +247,7 @@ def test_fault_on_the_wire(
         assert case.ok_text is not None
         return text == case.ok_text or (mode == "prompt" and case.ok_text in text)
 
-    url = proxy.base_url + "/chat/completions"
-    with (
-        httpx.Client(timeout=httpx.Timeout(LIMIT)) as client,
-        client.stream("POST", url, json=body, headers={"x-request-id": request_id}) as resp,
-    ):
-        raw = resp.read()
-    assert resp.status_code != 500, raw
-    (record,) = proxy.log_records(request_id)  # one log record, whatever went wrong
+    resp, raw, record = post(proxy, "/chat/completions", body, request_id)
     if case.ok_text is None:  # a failure is logged with its status, after a 200 too
         assert record["status"] in case.status and record["error"], record
     else:
@@ -293,14 +303,7 @@ def test_fault_on_the_responses_wire(
     proxy = matrix_proxies(case.timed)
     request_id = f"matrix-responses-{name}-{stream}-{uuid.uuid4().hex[:8]}"
     body = {"model": name, "input": TEXT, "stream": stream}
-    url = proxy.base_url + "/responses"
-    with (
-        httpx.Client(timeout=httpx.Timeout(LIMIT)) as client,
-        client.stream("POST", url, json=body, headers={"x-request-id": request_id}) as resp,
-    ):
-        raw = resp.read()
-    assert resp.status_code != 500, raw
-    (record,) = proxy.log_records(request_id)
+    resp, raw, record = post(proxy, "/responses", body, request_id)
     if case.ok_text is not None:
         assert resp.status_code == 200 and record["status"] == 200, (raw[:300], record)
         if not stream:
