@@ -145,7 +145,9 @@ class Upstreams:
     async def get_health(self, base: str) -> bool:
         url = base.removesuffix("/v1") + "/health"
         try:
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
+            async with self.session.get(
+                url, timeout=aiohttp.ClientTimeout(total=2.0), proxy=self.proxy_for(base)
+            ) as resp:
                 await resp.read()
                 return resp.status == 200
         except (OSError, aiohttp.ClientError, TimeoutError):
