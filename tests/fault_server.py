@@ -29,6 +29,7 @@ import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from ptst.bench.responder import (
@@ -114,15 +115,23 @@ class FaultServer:
             writer.close()
 
 
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, Any] | None:
-    """The path and JSON body of the next request on the connection (None once the client
-    closed)."""
+@dataclass
+class Request:
+    """One request as it came off the wire: its request line, headers (lower-cased names) and
+    body (a chunked one joined)."""
+
+    line: str
+    headers: dict[str, str]
+    body: bytes
+
+
+async def read_raw_request(reader: asyncio.StreamReader) -> Request | None:
+    """The next request on the connection, or None once the client closed it."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
     first, *lines = head.decode("latin-1").split("\r\n")
-    path = first.split(" ")[1] if first.count(" ") >= 2 else "/"
     headers = {}
     for line in lines:
         if ":" in line:
@@ -135,8 +144,19 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[str, Any] | None:
         await reader.readuntil(b"\r\n")
     else:
         raw = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Request(first, headers, raw)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, Any] | None:
+    """The path and JSON body of the next request on the connection (None once the client
+    closed)."""
+    request = await read_raw_request(reader)
+    if request is None:
+        return None
+    line = request.line
+    path = line.split(" ")[1] if line.count(" ") >= 2 else "/"
     try:
-        return path, json.loads(raw) if raw else {}
+        return path, json.loads(request.body) if request.body else {}
     except ValueError:
         return path, {}
 

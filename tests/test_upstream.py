@@ -17,18 +17,12 @@ import pytest
 from ptst.proxy.config import Route, ServerSettings, Timeouts
 from ptst.proxy.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from ptst.proxy.upstream import Call, Upstreams, transport_error
+from tests.fault_server import Request, read_raw_request
 from tests.servers import free_port
 
 LIMIT = 2.0  # seconds any one test may take; a hang fails instead of stalling the suite
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@dataclass
-class Request:
-    line: str
-    headers: dict[str, str]
-    body: bytes
 
 
 @dataclass
@@ -42,22 +36,6 @@ class Server:
     def url(self, path: str = "/") -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}{path}"
-
-
-async def read_request(reader: asyncio.StreamReader) -> Request | None:
-    """One request off the wire, or None once the client closed the connection."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    line, *rest = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for header in rest:
-        if header:
-            name, value = header.split(":", 1)
-            headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return Request(line, headers, body)
 
 
 @contextlib.asynccontextmanager
@@ -114,7 +92,7 @@ class Answering:
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         served = 0
-        while (request := await read_request(reader)) is not None:
+        while (request := await read_raw_request(reader)) is not None:
             self.requests.append(request)
             writer.write(self.responses[min(served, len(self.responses) - 1)])
             await writer.drain()
@@ -237,7 +215,7 @@ def test_interim_1xx_answers_are_skipped_and_the_connection_stays_in_step() -> N
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal served
-        while await read_request(reader) is not None:
+        while await read_raw_request(reader) is not None:
             served += 1
             for interim in (
                 b"HTTP/1.1 100 Continue\r\n\r\n",
@@ -276,7 +254,7 @@ def test_stream_pieces_arrive_as_sent() -> None:
     events = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n', b"data: [DONE]\n\n"]
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
+        await read_raw_request(reader)
         writer.write(STREAM_HEAD)
         for event in events:
             writer.write(chunked(event))
@@ -308,7 +286,7 @@ def test_stream_pieces_arrive_as_sent() -> None:
 )
 def test_broken_answers_are_upstream_errors(answer: bytes) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
+        await read_raw_request(reader)
         writer.write(answer)
         await writer.drain()
 
@@ -355,7 +333,7 @@ def test_a_client_error_is_not_retried_on_another_replica() -> None:
 
 def test_first_byte_timeout() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
+        await read_raw_request(reader)
         await asyncio.sleep(10)
 
     async def main() -> None:
@@ -375,7 +353,7 @@ def test_stream_timeouts(phase: str) -> None:
     pause = 10.0 if phase == "between_chunks" else 0.05
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
+        await read_raw_request(reader)
         writer.write(STREAM_HEAD)
         with contextlib.suppress(ConnectionError):  # the client gives up mid-stream
             for _ in range(200):
@@ -407,7 +385,7 @@ def test_pool_wait_timeout() -> None:
     """One connection per host: a second request waits for it, and gives up after `pool`."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
+        await read_raw_request(reader)
         writer.write(STREAM_HEAD)
         await writer.drain()
         await asyncio.sleep(10)
@@ -476,7 +454,7 @@ def test_closing_an_unread_answer_drops_its_connection() -> None:
     request would read the old answer); it is dropped, which aborts the upstream's work."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await read_request(reader) is not None:
+        while await read_raw_request(reader) is not None:
             writer.write(STREAM_HEAD + chunked(b"data: partial\n\n"))
             await writer.drain()
 
