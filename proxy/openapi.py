@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from ptst.proxy.rewrite import _ROLES
 from ptst.proxy.schemas import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 
 __all__ = ["install", "openapi_document"]
@@ -46,7 +47,7 @@ MESSAGE: dict[str, Any] = {
     "type": "object",
     "required": ["role"],
     "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
+        "role": {"enum": sorted(_ROLES)},
         "content": {
             "anyOf": [
                 {"type": "string"},
