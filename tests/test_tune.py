@@ -22,12 +22,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from ptst.commands.cli import main
 from ptst.engine.demo_model import ensure_model
+from ptst.proxy.rewrite import Policy
 from ptst.proxy.templates import builtin_templates_dir, load_templates
 from ptst.tune.batches import batch_indices, learning_rate, total_steps
 from ptst.tune.data import DataError, load_dataset
 from ptst.tune.manifest import MANIFEST_NAME, read_manifest
 from ptst.tune.merge import MergeError, merge, merge_config
 from ptst.tune.render import IGNORE, render_example
+from ptst.tune.train import backward
 
 TEMPLATES = load_templates(builtin_templates_dir())
 QA = [
@@ -136,6 +138,48 @@ def test_batches_are_a_function_of_seed_and_step() -> None:
     assert learning_rate(0, 1.0, 2, 10, "linear") == 0.5
     assert learning_rate(2, 1.0, 2, 10, "linear") == 1.0
     assert learning_rate(9, 1.0, 0, 10, "constant") == 1.0
+
+
+def test_micro_batches_give_the_gradients_of_one_pass(
+    tiny_pair: tuple[Path, Path], tokenizer: Any
+) -> None:
+    """--micro-batch-size accumulates per-token losses over the whole step's count: the same
+    gradients as one padded pass over the batch (dropout off, so both see the same model)."""
+    from peft import LoraConfig, get_peft_model
+
+    template = TEMPLATES["chat:llama"]
+    batch = [
+        render_example(
+            ({"role": "user", "content": row["question"]},),
+            row["answer"] * (1 + i % 3),
+            template,
+            tokenizer,
+            Policy(),
+            "messages",
+        )
+        for i, row in enumerate(QA[:4])
+    ]
+    assert len({len(e.input_ids) for e in batch}) > 1  # padding matters in the single pass
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_pair[0]), lora)
+    for layer in model.modules():  # a LoRA B of zeros has no gradient on A: make both live
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+    model.eval()
+    grads = []
+    for micro in (4, 1, 3):
+        loss, tokens = backward(model, batch, micro, tokenizer.pad_token_id or 0, "cpu")
+        grads.append(
+            (loss, tokens, [p.grad.clone() for p in model.parameters() if p.requires_grad])
+        )
+        model.zero_grad(set_to_none=True)
+    (loss, tokens, whole), *parts = grads
+    assert tokens == sum(len(e.input_ids) for e in batch)
+    for part_loss, part_tokens, part in parts:
+        assert part_loss == pytest.approx(loss, rel=1e-5) and part_tokens == tokens
+        for a, b in zip(whole, part, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 # --- merges on tiny models --------------------------------------------------------------------

@@ -58,6 +58,9 @@ class Manifest(BaseModel):
     max_steps: int = Field(description="steps the run was asked for (from epochs or max_steps)")
     epochs: float | None = None
     batch_size: int
+    micro_batch_size: int | None = Field(
+        default=None, description="examples per forward pass (gradients accumulated per step)"
+    )
     lr: float
     warmup_steps: int = 0
     max_length: int

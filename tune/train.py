@@ -33,7 +33,14 @@ from ptst.proxy.config import Mode
 from ptst.proxy.rewrite import Policy
 from ptst.proxy.templates import Template, TemplateError, builtin_templates_dir, load_templates
 from ptst.proxy.tokens import special_tokens
-from ptst.tune.batches import batch_indices, collate, learning_rate, total_steps
+from ptst.tune.batches import (
+    batch_indices,
+    collate,
+    learning_rate,
+    loss_tokens,
+    micro_batches,
+    total_steps,
+)
 from ptst.tune.data import DataError, Dataset, load_dataset
 from ptst.tune.manifest import DataInfo, LoraInfo, Manifest, now, read_manifest, write_manifest
 from ptst.tune.render import Rendered, RenderError, render_example
@@ -99,6 +106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)"
     )
     parser.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step")
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="examples per forward pass, gradients accumulated over the step: the same "
+        "gradients as one pass, less memory and no padding (default: --batch-size)",
+    )
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
     parser.add_argument(
@@ -237,20 +251,15 @@ def _train(
         while progress.step < steps and not stop.requested:
             began = time.perf_counter()
             picked = batch_indices(progress.step, len(examples), args.batch_size, args.seed)
-            batch = {
-                k: v.to(device) for k, v in collate([examples[i] for i in picked], pad_id).items()
-            }
             rate = learning_rate(progress.step, args.lr, args.warmup_steps, steps, args.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = rate
-            loss = model(**batch).loss
-            loss.backward()
+            micro = args.micro_batch_size or args.batch_size
+            value, tokens = backward(model, [examples[i] for i in picked], micro, pad_id, device)
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - began
-            value = float(loss.detach())
-            tokens = int(batch["attention_mask"].sum())
             progress.step += 1
             progress.tokens_seen += tokens
             progress.seconds += elapsed
@@ -264,6 +273,24 @@ def _train(
     bar.close()
     status = "complete" if progress.step >= steps else "interrupted"
     _checkpoint(model, optimizer, progress, manifest, out, status)
+
+
+def backward(
+    model: Any, batch: list[Rendered], micro: int, pad_id: int, device: str
+) -> tuple[float, int]:
+    """Accumulate one optimizer step's gradients in forward passes of `micro` examples. Each
+    pass's loss is summed over its tokens and divided by the whole batch's count, so the
+    gradients are those of one pass over the batch. Returns the batch's mean loss and its
+    non-pad tokens."""
+    items = sum(loss_tokens(example) for example in batch)
+    value, tokens = 0.0, 0
+    for part in micro_batches(range(len(batch)), micro):
+        tensors = {k: v.to(device) for k, v in collate([batch[i] for i in part], pad_id).items()}
+        loss = model(**tensors, num_items_in_batch=items).loss
+        loss.backward()
+        value += float(loss.detach())
+        tokens += int(tensors["attention_mask"].sum())
+    return value, tokens
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -358,7 +385,8 @@ def _load_state(out: Path, optimizer: Any, torch: Any) -> Progress:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "max_steps", "limit", "save_every", "max_length", "lora_r"):
+    numbers = ("batch_size", "micro_batch_size", "max_steps", "limit", "save_every", "max_length")
+    for name in (*numbers, "lora_r"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise TuneError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
@@ -514,6 +542,7 @@ def _manifest(
         max_steps=steps,
         epochs=None if args.max_steps is not None else args.epochs,
         batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size or args.batch_size,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         max_length=args.max_length,
