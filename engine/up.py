@@ -187,6 +187,6 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return 0
         finally:
-            if proxy is not None:
-                proxy.stop(timeout=30)
+            if proxy is not None:  # its drain deadline, then time to flush the log
+                proxy.stop(timeout=load_settings(config).server.shutdown_timeout_s + 10)
             backend.stop()

@@ -42,7 +42,7 @@ def create_app(settings: Settings, config_path: Path | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = Metrics(multiprocess_dir=workers.metrics_dir(run_dir) if run_dir else None)
         audit = AuditLog(snapshot.settings.log, metrics)
-        upstreams = Upstreams(snapshot.settings.server)
+        upstreams = Upstreams(snapshot.settings.server, metrics.on_upstream_error)
         rescorer = await start_second_stage(snapshot.settings)
         state = ProxyState(snapshot, upstreams, metrics, audit, rescorer, drain)
         reloader = Reloader(state, config_path, run_dir)

@@ -15,7 +15,7 @@ import collections
 import functools
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,7 +48,11 @@ PASSED_HEADERS = ("retry-after",)  # upstream response headers that reach the cl
 class Upstreams:
     """Must be created inside the running event loop (the app's lifespan)."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(
+        self, settings: ServerSettings, on_failover: Callable[[str, str], None] | None = None
+    ) -> None:
+        # called with (route, error kind) when a replica fails and the next one gets the request
+        self.on_failover = on_failover or (lambda route, kind: None)
         connector = aiohttp.TCPConnector(
             limit=settings.max_connections,
             limit_per_host=settings.max_connections_per_host,
@@ -104,6 +108,8 @@ class Upstreams:
         limits = route.timeouts or Timeouts()
         failure: ProxyError | None = None
         for base in self.order(route):
+            if failure is not None:  # counted here; the last failure is the caller's to count
+                self.on_failover(route.model, error_kind(failure))
             try:
                 return await self._send(base, path, content, sent, limits)
             except _Retry as retry:

@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ptst.bench import procs
 from ptst.bench.responder import FAULT_MODELS
@@ -118,6 +120,16 @@ class Proxy:
     def write_config(self, config: dict[str, Any]) -> None:
         self.config = config
         write_config(self.config_path, config)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample on `/metrics` (0 when the proxy has not exported it)."""
+        url = self.base_url.removesuffix("/v1") + "/metrics"
+        text = httpx.get(url, headers={"authorization": "Bearer none"}, timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    return float(sample.value)
+        return 0.0
 
     def log_records(self, request_id: str, timeout: float = 5.0) -> list[dict[str, Any]]:
         """The refusal-log records of one request, once its first one is in the JSONL file."""

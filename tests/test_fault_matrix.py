@@ -451,12 +451,17 @@ def test_a_failing_replica_is_skipped_and_cools_down(
     def tried() -> int:
         return counted(sick_replicas[sick], sick) if sick in sick_replicas else 0
 
+    def failovers() -> float:  # the failures the next replica made up for, by kind
+        kind = "connect" if sick == "refused" else "status"
+        return replica_proxy.metric("ptst_upstream_errors_total", route=route, kind=kind)
+
     time.sleep(COOLDOWN_S + 0.5)  # whatever an earlier case left cooling has cooled
-    before = tried()
+    before, counted_before = tried(), failovers()
     for _ in range(4):  # until the failing replica has been tried (it is listed first)
         assert ask(replica_proxy, route, stream) == answer
-        if tried() > before:
+        if failovers() > counted_before:
             break
+    assert failovers() == counted_before + 1  # not lost for the request having succeeded
     if sick not in sick_replicas:
         return  # a refused connection leaves no count to read
     assert tried() == before + 1
