@@ -222,9 +222,12 @@ class Run:
         """Run a `ptst` command as a child process; it is logged, and must succeed."""
         self.commands.append(shlex.join(["ptst", *argv]))
         self.save()
+        start = time.monotonic()
         done = subprocess.run([*PTST, *argv], check=False)
         if done.returncode != 0:
             raise SystemExit(f"ptst experiment: `ptst {shlex.join(argv)}` failed")
+        seconds = time.monotonic() - start
+        print(f"ptst experiment: ptst {argv[0]} took {seconds:.1f} s", file=sys.stderr, flush=True)
 
     def tune(self, model: Path, name: str, template: str) -> Path:
         folder = self.out / "adapters" / name

@@ -34,11 +34,6 @@ def batch_indices(step: int, examples: int, batch_size: int, seed: int) -> list[
     return order[index * batch_size : (index + 1) * batch_size]
 
 
-def micro_batches(picked: Sequence[int], size: int) -> list[list[int]]:
-    """One step's examples in forward passes of at most `size` (gradient accumulation)."""
-    return [list(picked[i : i + size]) for i in range(0, len(picked), size)]
-
-
 def loss_tokens(example: Rendered) -> int:
     """The tokens the causal-LM loss averages over: labels after the one-token shift."""
     return sum(1 for label in example.labels[1:] if label != IGNORE)

@@ -38,7 +38,6 @@ from ptst.tune.batches import (
     collate,
     learning_rate,
     loss_tokens,
-    micro_batches,
     total_steps,
 )
 from ptst.tune.data import DataError, Dataset, load_dataset
@@ -284,8 +283,10 @@ def backward(
     non-pad tokens."""
     items = sum(loss_tokens(example) for example in batch)
     value, tokens = 0.0, 0
-    for part in micro_batches(range(len(batch)), micro):
-        tensors = {k: v.to(device) for k, v in collate([batch[i] for i in part], pad_id).items()}
+    for start in range(0, len(batch), micro):
+        tensors = {
+            k: v.to(device) for k, v in collate(batch[start : start + micro], pad_id).items()
+        }
         loss = model(**tensors, num_items_in_batch=items).loss
         loss.backward()
         value += float(loss.detach())
@@ -385,8 +386,8 @@ def _load_state(out: Path, optimizer: Any, torch: Any) -> Progress:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    numbers = ("batch_size", "micro_batch_size", "max_steps", "limit", "save_every", "max_length")
-    for name in (*numbers, "lora_r"):
+    numbers = ("batch_size", "micro_batch_size", "max_steps", "limit", "save_every")
+    for name in (*numbers, "max_length", "lora_r"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise TuneError(f"--{name.replace('_', '-')} must be 1 or more, got {value}")
