@@ -122,14 +122,15 @@ class Proxy:
         write_config(self.config_path, config)
 
     def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample on `/metrics` (0 when the proxy has not exported it)."""
+        """The sum of the samples of `name` on `/metrics` that carry these labels (0 if none)."""
         url = self.base_url.removesuffix("/v1") + "/metrics"
         text = httpx.get(url, headers={"authorization": "Bearer none"}, timeout=10).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and labels.items() <= sample.labels.items():
-                    return float(sample.value)
-        return 0.0
+        return sum(
+            float(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     def log_records(self, request_id: str, timeout: float = 5.0) -> list[dict[str, Any]]:
         """The refusal-log records of one request, once its first one is in the JSONL file."""
