@@ -141,6 +141,8 @@ async def forward(
     state: ProxyState, ex: Exchange, path: str, body: dict[str, Any], answer: Answer
 ) -> Response:
     """Call the upstream and answer: a stream relayed as it arrives, or one JSON body."""
+    if "stream" in body:  # the upstream streams exactly when the proxy relays a stream:
+        body["stream"] = ex.stream  # "off" is False to pydantic, true to a plain bool()
     state.metrics.on_request_start(ex.route.model)
     try:
         call = await state.upstreams.open(ex.route, path, body, ex.upstream_headers())

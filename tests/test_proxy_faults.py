@@ -148,6 +148,25 @@ def test_bypass_fields_are_stripped(proxy: Proxy, responder_url: str) -> None:
         assert key not in last
 
 
+@pytest.mark.parametrize(
+    "given, streams", [("off", False), ("true", True), (0, False), (None, False)]
+)
+def test_the_upstream_streams_as_the_proxy_reads_stream(
+    proxy: Proxy, responder_url: str, given: Any, streams: bool
+) -> None:
+    """`stream` is validated leniently ("off" is False); the upstream gets the boolean the proxy
+    acts on, so one that reads "off" as true cannot stream to a proxy waiting for JSON (a 502
+    that schemathesis found)."""
+    body = {"model": "fake-echo", "messages": USER, "stream": given}
+    response = httpx.post(f"{proxy.base_url}/chat/completions", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith(
+        "text/event-stream" if streams else "application/json"
+    )
+    sent = httpx.get(responder_url.removesuffix("/v1") + "/debug/requests").json()[-1]
+    assert sent["stream"] is streams
+
+
 def test_prompt_mode_sends_the_rendered_prompt(proxy: Proxy) -> None:
     seen = upstream_saw(proxy, "fake-prompt")
     assert seen.startswith("[INST] <<SYS>>\n" + LLAMA_SAFETY)
