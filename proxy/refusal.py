@@ -184,6 +184,7 @@ _SECONDARY = re.compile(
     + r")"
 )
 _SECONDARY_HINTS = ("guideline", "polic", "principles", "programming", "values", "me to", "best ")
+_HINT_CHARS = 16  # longer than any hint of the rarer cues
 # Moral openings ("it is not appropriate to ...", "i don't think it's ethical ..."), scanned only
 # when one of their hints occurs.
 _MORAL = re.compile(
@@ -203,11 +204,22 @@ MORAL_LEAD = 160
 _MORAL_HINTS = ("not appropriate", "not ethical", "not legal", "not acceptable", "not responsible")
 
 
+def _secondary_hinted(h: str) -> bool:
+    for hint in _SECONDARY_HINTS:
+        if hint in h:
+            return True
+    return False
+
+
 def _moral_hinted(h: str) -> bool:
     if "think" in h:
         return True
     lead = h[: MORAL_LEAD + 40]
-    return "not " in lead and any(hint in lead for hint in _MORAL_HINTS)
+    if "not " in lead:
+        for hint in _MORAL_HINTS:
+            if hint in lead:
+                return True
+    return False
 
 
 # group -> (reported rule, score)
@@ -431,11 +443,11 @@ def _first_cue(pattern: re.Pattern[str], h: str, head: str) -> tuple[int, str, s
 def _classify(head: str, total_len: int) -> Verdict:
     h = _normalize(head)
     cue = _first_cue(_MASTER, h, head)
-    for pattern, hinted in (
-        (_SECONDARY, any(hint in h for hint in _SECONDARY_HINTS)),
-        (_MORAL, _moral_hinted(h)),
-    ):
-        if hinted:
+    # The rarer cues count only when they start before the first one: look for their hints
+    # where such a cue could be (a hint is the start of its cue's text).
+    window = h if cue is None else h[: cue[0] + _HINT_CHARS]
+    for pattern, hinted in ((_SECONDARY, _secondary_hinted), (_MORAL, _moral_hinted)):
+        if hinted(window):
             other = _first_cue(pattern, h, head)
             if other is not None and (cue is None or other[0] < cue[0]):
                 cue = other

@@ -126,11 +126,11 @@ def scored() -> dict[str, dict[str, Scores]]:
 
 
 # Floors under the leave-one-source-out figures measured when the corpus and the weights were
-# last built (README, "Refusal detection"; 14 sources, pooled P 0.932, R 0.895, F1 0.913):
+# last built (README, "Refusal detection"; 14 sources, pooled P 0.929, R 0.896, F1 0.912):
 # pooled 0.01-0.02 lower, each source's F1 about 0.02 lower. A change that loses more fails here.
 POOLED_FLOORS = {"precision": 0.92, "recall": 0.88, "f1": 0.90}
 SOURCE_F1_FLOORS = {
-    "hand-assistant": 0.94,
+    "hand-assistant": 0.92,
     "hand-brief": 0.75,  # brief declines of product bots, with no refusal word: the weakest style
     "hand-claude": 0.93,
     "hand-cutoff": 0.94,
@@ -141,7 +141,7 @@ SOURCE_F1_FLOORS = {
     "hand-overcautious": 0.94,
     "hand-small": 0.94,
     "hand-terse": 0.78,  # one-line declines with no refusal word
-    "qwen2.5-coder-0.5b": 0.78,
+    "qwen2.5-coder-0.5b": 0.80,
     "rules-dev": 0.92,
     "smollm2-135m": 0.45,  # 14 refusals in 405 answers: a few false alarms weigh heavily
 }
