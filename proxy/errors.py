@@ -75,6 +75,10 @@ class UpstreamError(ProxyError):
     error_type = "upstream_error"
 
 
+class UpstreamStatus(UpstreamError):
+    """The upstream answered an error status other than 4xx or 503 (the client gets a 502)."""
+
+
 class UpstreamUnavailable(UpstreamError):
     status_code = 503
 

@@ -127,7 +127,8 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "ptst_upstream_errors",
-            "Upstream failures by kind (connect, timeout, status, protocol, cancelled).",
+            "Upstream failures by kind: connect, timeout, status (an error status answered), "
+            "protocol (a cut or malformed answer), cancelled.",
             ["route", "kind"],
             registry=r,
         )

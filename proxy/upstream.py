@@ -27,6 +27,7 @@ from ptst.proxy.errors import (
     ProxyError,
     UpstreamError,
     UpstreamRejected,
+    UpstreamStatus,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -244,7 +245,7 @@ class Call:
         error: ProxyError
         if status == 404:
             message = f"upstream {self.base} does not serve this route's model: {message}"
-            error = UpstreamError(f"upstream error (HTTP 404): {message}", code="upstream_error")
+            error = UpstreamStatus(f"upstream error (HTTP 404): {message}", code="upstream_error")
         elif 400 <= status < 500:
             error = UpstreamRejected(status, message, code="upstream_rejected")
         elif status == 503:
@@ -252,7 +253,7 @@ class Call:
                 f"upstream {self.base} is unavailable (HTTP 503): {message}", code="upstream_busy"
             )
         else:
-            error = UpstreamError(
+            error = UpstreamStatus(
                 f"upstream error (HTTP {status}): {message}", code="upstream_error"
             )
         error.headers = headers
@@ -283,7 +284,9 @@ def error_kind(exc: BaseException) -> str:
     """The label for the upstream-errors metric."""
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
-    if isinstance(exc, UpstreamRejected) or getattr(exc, "code", None) == "upstream_busy":
+    if isinstance(exc, UpstreamRejected | UpstreamStatus):
+        return "status"
+    if getattr(exc, "code", None) == "upstream_busy":  # a 503 answer
         return "status"
     if isinstance(exc, UpstreamUnavailable):
         return "connect"
