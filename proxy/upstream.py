@@ -284,9 +284,8 @@ def error_kind(exc: BaseException) -> str:
     """The label for the upstream-errors metric."""
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
-    if isinstance(exc, UpstreamRejected | UpstreamStatus):
-        return "status"
-    if getattr(exc, "code", None) == "upstream_busy":  # a 503 answer
+    answered = isinstance(exc, UpstreamRejected | UpstreamStatus)
+    if answered or getattr(exc, "code", None) == "upstream_busy":  # busy: a 503 answer
         return "status"
     if isinstance(exc, UpstreamUnavailable):
         return "connect"
