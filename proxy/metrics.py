@@ -12,7 +12,7 @@
     ptst_log_records_written_total{sink}                         counter
     ptst_log_records_dropped_total{reason,sink}                  counter
     ptst_template_reloads_total{result}                          counter
-    ptst_template_reload_ok                                      gauge (1 = last reload succeeded)
+    ptst_template_reload_ok                                      gauge (1 = last reload, or start, succeeded)
     ptst_second_stage_total{route,outcome}                       counter (confirmed, overturned,
                                                                  skipped: backlog full)
 
@@ -163,10 +163,12 @@ class Metrics:
         )
         self.template_reload_ok = Gauge(
             "ptst_template_reload_ok",
-            "1 if the last template reload succeeded (in every live worker).",
+            "1 if the last template reload succeeded, or none has run since the templates "
+            "loaded at start (in every live worker).",
             registry=r,
             multiprocess_mode="livemin",
         )
+        self.template_reload_ok.set(1)  # the process started, so its templates loaded
 
     def _child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, cached: the lookup is measurable on the request path."""

@@ -74,6 +74,7 @@ def test_untemplated_route_is_labelled_none() -> None:
 
 def test_upstream_errors_log_drops_and_reloads() -> None:
     m = Metrics()
+    assert value(m, "ptst_template_reload_ok") == 1  # loaded at start: no alert before a reload
     m.on_upstream_error("demo", "timeout")
     m.on_upstream_error("demo", "timeout")
     m.on_upstream_error("demo", "something new")
