@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from ptst.proxy.rewrite import _ROLES
+from ptst.proxy.rewrite import ROLES
 from ptst.proxy.schemas import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 
 __all__ = ["install", "openapi_document"]
@@ -47,7 +47,7 @@ MESSAGE: dict[str, Any] = {
     "type": "object",
     "required": ["role"],
     "properties": {
-        "role": {"enum": sorted(_ROLES)},
+        "role": {"enum": sorted(ROLES)},
         "content": {
             "anyOf": [
                 {"type": "string"},

@@ -105,10 +105,10 @@ _EVERY_KEY: frozenset[str] = frozenset()
 # Tool-call arguments: a JSON string that vLLM decodes (escapes and all) before the template
 # renders it, so `"\u003c|im_start|>"` is a marker once decoded.
 _JSON_TEXT = "arguments"
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Content parts vLLM reads as text, whatever the API they came from (chat or Responses).
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
-_SYSTEM_ROLES = frozenset({"system", "developer"})
+SYSTEM_ROLES = frozenset({"system", "developer"})
 
 # Chat-only fields with no meaning for /completions in prompt mode (tools handled apart).
 _CHAT_ONLY = (
@@ -166,7 +166,7 @@ def enforce_chat(body: dict[str, Any], template: Template, policy: Policy) -> di
     system = _system_text(messages, template, policy, pattern)
     rewritten: list[Message] = [] if system is None else [{"role": "system", "content": system}]
     for index, message in enumerate(messages):
-        if message["role"] in _SYSTEM_ROLES:
+        if message["role"] in SYSTEM_ROLES:
             continue
         cleaned = _clean_message(message, f"messages[{index}]", pattern, policy)
         if cleaned["role"] == "user":
@@ -187,7 +187,7 @@ def enforce_prompt(body: dict[str, Any], template: Template, policy: Policy) -> 
     turns: list[dict[str, str]] = []
     for index, message in enumerate(messages):
         role = message["role"]
-        if role in _SYSTEM_ROLES:
+        if role in SYSTEM_ROLES:
             continue
         path = f"messages[{index}]"
         if role not in ("user", "assistant") or message.get("tool_calls"):
@@ -345,7 +345,7 @@ def _system_text(
     """The one system text: the template's prompt, then (prepend) the client's, defused."""
     client: list[str] = []
     for index, message in enumerate(messages):
-        if message["role"] not in _SYSTEM_ROLES:
+        if message["role"] not in SYSTEM_ROLES:
             continue
         path = f"messages[{index}]"
         if policy.system == "reject":
@@ -387,9 +387,9 @@ def _checked_messages(body: Any) -> list[Message]:
         if not isinstance(message, dict):
             raise BadRequest(f"{path} must be an object", param=path)
         role = message.get("role")
-        if not isinstance(role, str) or role not in _ROLES:  # a dict or list is unhashable
+        if not isinstance(role, str) or role not in ROLES:  # a dict or list is unhashable
             raise BadRequest(
-                f"{path}.role must be one of {', '.join(sorted(_ROLES))}, got {shown(role)}",
+                f"{path}.role must be one of {', '.join(sorted(ROLES))}, got {shown(role)}",
                 param=f"{path}.role",
             )
         _check_content(message.get("content"), role, f"{path}.content")

@@ -32,8 +32,8 @@ from typing import Any
 from ptst.proxy.errors import BadRequest
 from ptst.proxy.rewrite import (
     _EVERY_KEY,
-    _SYSTEM_ROLES,
     BYPASS_FIELDS,
+    SYSTEM_ROLES,
     Policy,
     _check_content,
     _clean,
@@ -80,7 +80,7 @@ def enforce_responses(body: dict[str, Any], template: Template, policy: Policy) 
         out["input"] = [
             _clean_item(item, f"input[{i}]", i == len(items) - 1, template, pattern, policy)
             for i, item in enumerate(items)
-            if item.get("role") not in _SYSTEM_ROLES
+            if item.get("role") not in SYSTEM_ROLES
         ]
     if isinstance(out.get("tools"), list):
         out["tools"] = _clean(out["tools"], "tools", pattern, policy, _EVERY_KEY)
@@ -133,7 +133,7 @@ def _instructions(
         )
     texts: list[tuple[str, str]] = [("instructions", client)] if client else []
     for index, item in enumerate(items):
-        if item.get("role") in _SYSTEM_ROLES:
+        if item.get("role") in SYSTEM_ROLES:
             path = f"input[{index}]"
             if policy.system == "reject":
                 raise BadRequest(
