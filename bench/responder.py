@@ -500,8 +500,7 @@ class Responder:
             usage = _usage(answer.prompt_tokens, len(answer.pieces))
             events.append(head | {"choices": [], "usage": usage})
 
-        zipper = zlib.compressobj(wbits=31) if model == "gzip" else None  # 31: gzip framing
-        await _start(send, 200, _SSE if zipper is None else [*_SSE, _GZIP])
+        zipper = await _start_stream(send, model)
         slow = model == "slow"
         cut_at = _CUT_AT if model in _CUT else -1
         bad_at = _CUT_AT if model == "bad-json" else -1
@@ -539,8 +538,7 @@ class Responder:
             payload = response_object(rid, model, created, text, "completed", usage)
             await self._send_whole(send, receive, model, json.dumps(payload))
             return
-        zipper = zlib.compressobj(wbits=31) if model == "gzip" else None
-        await _start(send, 200, _SSE if zipper is None else [*_SSE, _GZIP])
+        zipper = await _start_stream(send, model)
         for i, event in enumerate(response_events(rid, model, created, answer)):
             if model in _CUT and i == 5:  # after the first text delta
                 await self._cut(model, receive)
@@ -559,6 +557,14 @@ class Responder:
         end = zipper.flush() if zipper is not None else b""
         await send({"type": "http.response.body", "body": end, "more_body": False})
         self.stats.completed += 1
+
+
+async def _start_stream(send: Send, model: str) -> Any:
+    """Start an SSE answer; for the gzip fault, return the compressor its chunks go through
+    (wbits 31: gzip framing), else None."""
+    zipper = zlib.compressobj(wbits=31) if model == "gzip" else None
+    await _start(send, 200, _SSE if zipper is None else [*_SSE, _GZIP])
+    return zipper
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
