@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from ptst.bench import procs
 from ptst.bench.responder import FAULT_MODELS
@@ -105,6 +106,13 @@ def responder() -> Iterator[str]:
         yield url
 
 
+def total(samples: list[Sample], name: str, **labels: str) -> float:
+    """The sum of the samples named `name` that carry these labels (0 if none)."""
+    return sum(
+        float(s.value) for s in samples if s.name == name and labels.items() <= s.labels.items()
+    )
+
+
 class Proxy:
     def __init__(self, server: Child, base_url: str, config_path: Path, config: dict[str, Any]):
         self.server, self.base_url, self.config_path, self.config = (
@@ -121,16 +129,16 @@ class Proxy:
         self.config = config
         write_config(self.config_path, config)
 
+    def scrape(self) -> list[Sample]:
+        """One `/metrics` scrape, on a connection of its own, as its samples."""
+        url = self.base_url.removesuffix("/v1") + "/metrics"
+        reply = httpx.get(url, headers={"authorization": "Bearer none"}, timeout=10)
+        assert reply.status_code == 200, reply.text
+        return [s for family in text_string_to_metric_families(reply.text) for s in family.samples]
+
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples of `name` on `/metrics` that carry these labels (0 if none)."""
-        url = self.base_url.removesuffix("/v1") + "/metrics"
-        text = httpx.get(url, headers={"authorization": "Bearer none"}, timeout=10).text
-        return sum(
-            float(sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()
-        )
+        return total(self.scrape(), name, **labels)
 
     def log_records(self, request_id: str, timeout: float = 5.0) -> list[dict[str, Any]]:
         """The refusal-log records of one request, once its first one is in the JSONL file."""

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Proxy
+from tests.conftest import Proxy, total
 from tests.servers import worker_pids
 
 KEYS = {"route", "template", "upstream_model", "status"}
@@ -47,24 +46,6 @@ def chat(proxy: Proxy, model: str, stream: bool = False) -> httpx.Response:
         return client.post(f"{proxy.base_url}/chat/completions", json=body)
 
 
-def samples(proxy: Proxy) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """One scrape, on a connection of its own: sample name -> [(labels, value)]."""
-    with httpx.Client(timeout=10) as client:
-        reply = client.get(f"{root(proxy)}/metrics")
-    assert reply.status_code == 200, reply.text
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(reply.text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append((s.labels, s.value))
-    return out
-
-
-def total(scrape: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
-    return sum(
-        v for got, v in scrape.get(name, []) if all(got.get(k) == x for k, x in labels.items())
-    )
-
-
 def served_by_both(proxy: Proxy, model: str, timeout: float = 15.0) -> Counter[str]:
     """Requests for `model` until both workers have answered one with 200 (or the timeout)."""
     seen: Counter[str] = Counter()
@@ -91,9 +72,9 @@ def test_one_scrape_sums_every_worker(start_proxy: Callable[..., Proxy], respond
 
     # whichever worker answers a scrape, it counts every worker's requests, exactly
     for _ in range(6):
-        scrape = samples(proxy)
-        requests = scrape["ptst_requests_total"]
-        assert {frozenset(labels) for labels, _ in requests} == {frozenset(KEYS)}
+        scrape = proxy.scrape()  # every total below comes from this one scrape
+        requests = [s for s in scrape if s.name == "ptst_requests_total"]
+        assert {frozenset(s.labels) for s in requests} == {frozenset(KEYS)}
         assert total(scrape, "ptst_requests_total", route="m", status="200") == sent
         assert total(scrape, "ptst_request_latency_seconds_count", route="m") == sent
         assert total(scrape, "ptst_completion_tokens_total", route="m") == 8 * sent
@@ -114,13 +95,13 @@ def test_a_reload_reaches_every_worker(start_proxy: Callable[..., Proxy], respon
     assert reply.status_code == 200, reply.text
     assert "added" in reply.json()["routes"]
     assert len(served_by_both(proxy, "added")) == 2
-    assert total(samples(proxy), "ptst_template_reloads_total", result="ok") == 2
+    assert total(proxy.scrape(), "ptst_template_reloads_total", result="ok") == 2
 
     # SIGHUP to the parent (what `kill -HUP` on the service's main process does)
     proxy.write_config({**proxy.config, "routes": [route(responder), route(responder, "again")]})
     proxy.server.signal(signal.SIGHUP)
     assert len(served_by_both(proxy, "again")) == 2
-    assert total(samples(proxy), "ptst_template_reloads_total", result="ok") == 4
+    assert total(proxy.scrape(), "ptst_template_reloads_total", result="ok") == 4
     assert proxy.server.poll() is None  # the parent handled it: no restart, no exit
 
 
@@ -143,7 +124,7 @@ def test_a_killed_workers_requests_leave_the_in_flight_sum(
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10
-    while total(samples(proxy), "ptst_requests_in_flight", route="hang") < 2:
+    while total(proxy.scrape(), "ptst_requests_in_flight", route="hang") < 2:
         assert time.monotonic() < deadline, "the hanging requests never showed in flight"
         time.sleep(0.1)
 
@@ -159,7 +140,7 @@ def test_a_killed_workers_requests_leave_the_in_flight_sum(
     while len(set(worker_pids(proxy.server.pid)) - set(pids)) < 2 or not started(proxy, 4):
         assert time.monotonic() < deadline, proxy.server.tail()
         time.sleep(0.2)
-    scrape = samples(proxy)
+    scrape = proxy.scrape()
     assert total(scrape, "ptst_requests_in_flight", route="hang") == 0
     assert total(scrape, "ptst_requests_total", route="m") == 6  # dead workers' counts stay
 
