@@ -61,6 +61,7 @@ class Upstreams:
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # shared by every client: keep no cookies
             skip_auto_headers=("user-agent",),
             timeout=aiohttp.ClientTimeout(total=None),
         )

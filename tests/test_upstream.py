@@ -187,6 +187,21 @@ def test_keep_alive_connection_is_reused() -> None:
     run(main)
 
 
+def test_an_upstreams_cookies_are_not_kept() -> None:
+    """The session is shared by every client: a cookie one upstream answer sets must never ride
+    on a later request (another client's). By host name: aiohttp's jar ignores IP addresses."""
+    handler = Answering(ok(b"{}", "set-cookie: session=client-a; Path=/"))
+
+    async def main() -> None:
+        async with serve(handler) as server, upstreams() as ups:
+            by_name = f"http://localhost:{server.port}/v1"
+            for _ in range(2):
+                assert await fetch(ups, route(by_name)) == b"{}"
+
+    run(main)
+    assert [r.headers.get("cookie") for r in handler.requests] == [None, None]
+
+
 def test_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """HTTP_PROXY is honoured: the proxy server sees the absolute URL of the upstream."""
     handler = Answering(ok(b"{}"))
