@@ -134,6 +134,7 @@ class Upstreams:
                     headers=headers,
                     timeout=timeout,
                     proxy=self.proxy_for(base),
+                    allow_redirects=False,  # a 3xx is an error: only configured hosts get requests
                 )
         except BaseException as exc:
             self.outstanding[base] -= 1
@@ -242,6 +243,9 @@ class Call:
         finally:
             await self.close()
         message = _upstream_message(raw) or f"upstream answered HTTP {status}"
+        if 300 <= status < 400:
+            where = self.resp.headers.get("location", "nowhere")
+            message = f"upstream {self.base} redirected to {where}: configure the final URL"
         headers = {k: v for k in PASSED_HEADERS if (v := self.resp.headers.get(k)) is not None}
         error: ProxyError
         if status == 404:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,13 @@ from typing import Any
 import pytest
 
 from ptst.proxy.config import Route, ServerSettings, Timeouts
-from ptst.proxy.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from ptst.proxy.errors import (
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from ptst.proxy.upstream import Call, Upstreams, transport_error
 from tests.fault_server import Request, read_raw_request
 from tests.servers import free_port
@@ -312,6 +319,23 @@ def test_broken_answers_are_upstream_errors(answer: bytes) -> None:
             assert caught.value.status_code == 502
 
     run(main)
+
+
+def test_a_redirect_is_not_followed() -> None:
+    """A 3xx is an upstream error naming where it pointed: the request (and its API key) is
+    not sent on to another address the operator never configured."""
+    elsewhere = Answering(ok(b"{}"))
+
+    async def main() -> None:
+        async with serve(elsewhere) as other:
+            where = other.url("/v1/chat/completions")
+            moved = ok(b"", f"location: {where}", status="307 Temporary Redirect")
+            async with serve(Answering(moved)) as server, upstreams() as ups:
+                with pytest.raises(UpstreamStatus, match=re.escape(f"redirected to {where}")):
+                    await fetch(ups, route(server.url("/v1"), api_key="sk-upstream"))
+
+    run(main)
+    assert elsewhere.requests == []
 
 
 @pytest.mark.parametrize("status", [429, 503])
