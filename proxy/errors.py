@@ -83,6 +83,10 @@ class UpstreamUnavailable(UpstreamError):
     status_code = 503
 
 
+class UpstreamBusy(UpstreamUnavailable):
+    """The upstream answered 503 (busy, or still loading): the client gets the 503."""
+
+
 class UpstreamTimeout(UpstreamError):
     status_code = 504
 

@@ -25,6 +25,7 @@ from ptst.proxy import jsonfast
 from ptst.proxy.config import Route, ServerSettings, Timeouts
 from ptst.proxy.errors import (
     ProxyError,
+    UpstreamBusy,
     UpstreamError,
     UpstreamRejected,
     UpstreamStatus,
@@ -242,10 +243,11 @@ class Call:
             raw = b""
         finally:
             await self.close()
-        message = _upstream_message(raw) or f"upstream answered HTTP {status}"
         if 300 <= status < 400:
             where = self.resp.headers.get("location", "nowhere")
             message = f"upstream {self.base} redirected to {where}: configure the final URL"
+        else:
+            message = _upstream_message(raw) or f"upstream answered HTTP {status}"
         headers = {k: v for k in PASSED_HEADERS if (v := self.resp.headers.get(k)) is not None}
         error: ProxyError
         if status == 404:
@@ -254,7 +256,7 @@ class Call:
         elif 400 <= status < 500:
             error = UpstreamRejected(status, message, code="upstream_rejected")
         elif status == 503:
-            error = UpstreamUnavailable(
+            error = UpstreamBusy(
                 f"upstream {self.base} is unavailable (HTTP 503): {message}", code="upstream_busy"
             )
         else:
@@ -289,8 +291,7 @@ def error_kind(exc: BaseException) -> str:
     """The label for the upstream-errors metric."""
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
-    answered = isinstance(exc, UpstreamRejected | UpstreamStatus)
-    if answered or getattr(exc, "code", None) == "upstream_busy":  # busy: a 503 answer
+    if isinstance(exc, UpstreamRejected | UpstreamStatus | UpstreamBusy):  # an answered status
         return "status"
     if isinstance(exc, UpstreamUnavailable):
         return "connect"
