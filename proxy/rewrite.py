@@ -101,7 +101,7 @@ _PART_KEYS = frozenset(
     {"type", "image_url", "input_audio", "audio_url", "video_url", "file", "image_embeds"}
 )
 _NOT_TEXT = _PART_KEYS | {"role"}
-_EVERY_KEY: frozenset[str] = frozenset()
+EVERY_KEY: frozenset[str] = frozenset()
 # Tool-call arguments: a JSON string that vLLM decodes (escapes and all) before the template
 # renders it, so `"\u003c|im_start|>"` is a marker once decoded.
 _JSON_TEXT = "arguments"
@@ -161,7 +161,7 @@ def enforce(
 def enforce_chat(body: dict[str, Any], template: Template, policy: Policy) -> dict[str, Any]:
     """Messages mode: one system message first with the safety prompt, client text defused."""
     messages = _checked_messages(body)
-    out = _without_bypass_fields(body, policy)
+    out = without_bypass_fields(body, policy)
     pattern = marker_pattern(template.markers + policy.extra_markers)
     system = _system_text(messages, template, policy, pattern)
     rewritten: list[Message] = [] if system is None else [{"role": "system", "content": system}]
@@ -170,18 +170,18 @@ def enforce_chat(body: dict[str, Any], template: Template, policy: Policy) -> di
             continue
         cleaned = _clean_message(message, f"messages[{index}]", pattern, policy)
         if cleaned["role"] == "user":
-            cleaned["content"] = _wrap(cleaned.get("content"), template)
+            cleaned["content"] = wrap(cleaned.get("content"), template)
         rewritten.append(cleaned)
     out["messages"] = rewritten
     if isinstance(out.get("tools"), list):
-        out["tools"] = _clean(out["tools"], "tools", pattern, policy, _EVERY_KEY)
+        out["tools"] = clean(out["tools"], "tools", pattern, policy, EVERY_KEY)
     return out
 
 
 def enforce_prompt(body: dict[str, Any], template: Template, policy: Policy) -> dict[str, Any]:
     """Prompt mode: the whole conversation rendered by the template's Jinja, for /completions."""
     messages = _checked_messages(body)
-    out = _without_bypass_fields(body, policy)
+    out = without_bypass_fields(body, policy)
     pattern = marker_pattern(template.markers + policy.extra_markers)
     system = _system_text(messages, template, policy, pattern)
     turns: list[dict[str, str]] = []
@@ -196,8 +196,8 @@ def enforce_prompt(body: dict[str, Any], template: Template, policy: Policy) -> 
                 "assistant text turns (no tool calls or tool results)",
                 param=f"{path}.role",
             )
-        text = _plain_text(message.get("content"), f"{path}.content")
-        turns.append({"role": role, "content": _defuse(text, f"{path}.content", pattern, policy)})
+        text = plain_text(message.get("content"), f"{path}.content")
+        turns.append({"role": role, "content": defuse(text, f"{path}.content", pattern, policy)})
     _check_alternation(turns)
     out.pop("messages", None)
     out["prompt"] = template.render_prompt(system, turns)
@@ -227,7 +227,7 @@ def _break_marker(match: re.Match[str]) -> str:
     return marker[0] + " " + marker[1:]
 
 
-def _defuse(text: str, path: str, pattern: re.Pattern[str], policy: Policy) -> str:
+def defuse(text: str, path: str, pattern: re.Pattern[str], policy: Policy) -> str:
     if policy.markers == "reject":
         match = pattern.search(text)
         if match is not None:
@@ -240,7 +240,7 @@ def _defuse(text: str, path: str, pattern: re.Pattern[str], policy: Policy) -> s
     return neutralize(text, pattern)
 
 
-def _clean(
+def clean(
     value: Any,
     path: str,
     pattern: re.Pattern[str],
@@ -253,9 +253,9 @@ def _clean(
     message or input item, `_PART_KEYS` for its content parts; below them every key and value
     is defused."""
     if isinstance(value, str):
-        return _defuse(value, path, pattern, policy)
+        return defuse(value, path, pattern, policy)
     if isinstance(value, list):
-        return [_clean(item, f"{path}[{i}]", pattern, policy, skip) for i, item in enumerate(value)]
+        return [clean(item, f"{path}[{i}]", pattern, policy, skip) for i, item in enumerate(value)]
     if isinstance(value, dict):
         out: dict[Any, Any] = {}
         for key, item in value.items():
@@ -264,11 +264,11 @@ def _clean(
                 continue
             where = f"{path}.{key}"
             # a message's or item's content parts; a "content" key anywhere else is just a key
-            inner = _PART_KEYS if key == "content" and skip is _NOT_TEXT else _EVERY_KEY
-            cleaned = _clean(item, where, pattern, policy, inner)
+            inner = _PART_KEYS if key == "content" and skip is _NOT_TEXT else EVERY_KEY
+            cleaned = clean(item, where, pattern, policy, inner)
             if key == _JSON_TEXT and isinstance(cleaned, str):
                 cleaned = _clean_json_text(cleaned, where, pattern, policy)
-            new_key = _defuse(key, where, pattern, policy) if isinstance(key, str) else key
+            new_key = defuse(key, where, pattern, policy) if isinstance(key, str) else key
             out[new_key] = cleaned
         return out
     return value
@@ -285,7 +285,7 @@ def _clean_json_text(text: str, path: str, pattern: re.Pattern[str], policy: Pol
         return text  # not JSON: vLLM renders it as an empty object
     except RecursionError:
         raise BadRequest(f"{path} is nested too deeply", param=path) from None
-    cleaned = _clean(decoded, path, pattern, policy, _EVERY_KEY)
+    cleaned = clean(decoded, path, pattern, policy, EVERY_KEY)
     return text if cleaned == decoded else json.dumps(cleaned, ensure_ascii=False)
 
 
@@ -294,12 +294,12 @@ def _clean_message(
 ) -> Message:
     content = message.get("content")
     if isinstance(content, list):
-        message = {**message, "content": _merge_text_parts(content)}
-    cleaned: Message = _clean(message, path, pattern, policy)
+        message = {**message, "content": merge_text_parts(content)}
+    cleaned: Message = clean(message, path, pattern, policy)
     return cleaned
 
 
-def _merge_text_parts(parts: list[Any]) -> list[Any]:
+def merge_text_parts(parts: list[Any]) -> list[Any]:
     """Join adjacent text parts with a newline (as vLLM does) so no marker spans two parts."""
     merged: list[Any] = []
     for part in parts:
@@ -323,7 +323,7 @@ def shown(value: Any) -> str:
     return "null" if value is None else f"a {type(value).__name__}"
 
 
-def _wrap(content: Any, template: Template, text_type: str = "text") -> Any:
+def wrap(content: Any, template: Template, text_type: str = "text") -> Any:
     before, after = template.wrapper_parts
     if not before and not after:
         return content
@@ -355,14 +355,14 @@ def _system_text(
                 param=f"{path}.role",
             )
         if policy.system == "prepend":
-            text = _plain_text(message.get("content"), f"{path}.content")
+            text = plain_text(message.get("content"), f"{path}.content")
             if text:
-                client.append(_defuse(text, f"{path}.content", pattern, policy))
+                client.append(defuse(text, f"{path}.content", pattern, policy))
     parts = [template.system_prompt, *client] if template.system_prompt else client
     return "\n\n".join(parts) if parts else None
 
 
-def _plain_text(content: Any, path: str) -> str:
+def plain_text(content: Any, path: str) -> str:
     """Text of a message: a string, or its text parts joined by newlines (as vLLM joins them)."""
     if content is None or isinstance(content, str):
         return content or ""
@@ -392,11 +392,11 @@ def _checked_messages(body: Any) -> list[Message]:
                 f"{path}.role must be one of {', '.join(sorted(ROLES))}, got {shown(role)}",
                 param=f"{path}.role",
             )
-        _check_content(message.get("content"), role, f"{path}.content")
+        check_content(message.get("content"), role, f"{path}.content")
     return messages
 
 
-def _check_content(content: Any, role: str, path: str) -> None:
+def check_content(content: Any, role: str, path: str) -> None:
     if isinstance(content, str):
         return
     if content is None:
@@ -422,7 +422,7 @@ def _check_alternation(turns: list[dict[str, str]]) -> None:
         )
 
 
-def _without_bypass_fields(
+def without_bypass_fields(
     body: dict[str, Any], policy: Policy, fields: tuple[str, ...] = BYPASS_FIELDS
 ) -> dict[str, Any]:
     if policy.bypass == "reject":

@@ -31,19 +31,19 @@ from typing import Any
 
 from ptst.proxy.errors import BadRequest
 from ptst.proxy.rewrite import (
-    _EVERY_KEY,
     BYPASS_FIELDS,
+    EVERY_KEY,
     SYSTEM_ROLES,
     Policy,
-    _check_content,
-    _clean,
-    _defuse,
-    _merge_text_parts,
-    _plain_text,
-    _without_bypass_fields,
-    _wrap,
+    check_content,
+    clean,
+    defuse,
     marker_pattern,
+    merge_text_parts,
+    plain_text,
     shown,
+    without_bypass_fields,
+    wrap,
 )
 from ptst.proxy.templates import Template
 
@@ -67,7 +67,7 @@ def enforce_responses(body: dict[str, Any], template: Template, policy: Policy) 
             "fetched later, past the refusal detector and the log. Send background: false.",
             param="background",
         )
-    out = _without_bypass_fields(body, policy, RESPONSES_BYPASS_FIELDS)
+    out = without_bypass_fields(body, policy, RESPONSES_BYPASS_FIELDS)
     pattern = marker_pattern(template.markers + policy.extra_markers)
     instructions = _instructions(body.get("instructions"), items, template, policy, pattern)
     if instructions is None:
@@ -75,7 +75,7 @@ def enforce_responses(body: dict[str, Any], template: Template, policy: Policy) 
     else:
         out["instructions"] = instructions
     if isinstance(body["input"], str):
-        out["input"] = _wrap(_defuse(body["input"], "input", pattern, policy), template)
+        out["input"] = wrap(defuse(body["input"], "input", pattern, policy), template)
     else:
         out["input"] = [
             _clean_item(item, f"input[{i}]", i == len(items) - 1, template, pattern, policy)
@@ -83,7 +83,7 @@ def enforce_responses(body: dict[str, Any], template: Template, policy: Policy) 
             if item.get("role") not in SYSTEM_ROLES
         ]
     if isinstance(out.get("tools"), list):
-        out["tools"] = _clean(out["tools"], "tools", pattern, policy, _EVERY_KEY)
+        out["tools"] = clean(out["tools"], "tools", pattern, policy, EVERY_KEY)
     return out
 
 
@@ -111,7 +111,7 @@ def _checked_input(body: Any) -> list[dict[str, Any]]:
                     f"got {shown(role)}",
                     param=f"{path}.role",
                 )
-            _check_content(item.get("content"), role, f"{path}.content")
+            check_content(item.get("content"), role, f"{path}.content")
         elif not isinstance(item.get("type"), str):
             raise BadRequest(f"{path} needs a role or a type", param=path)
     return value
@@ -141,9 +141,9 @@ def _instructions(
                     f"prompt comes from the template {template.name!r}",
                     param=f"{path}.role",
                 )
-            texts.append((f"{path}.content", _plain_text(item.get("content"), f"{path}.content")))
+            texts.append((f"{path}.content", plain_text(item.get("content"), f"{path}.content")))
     kept = [] if policy.system == "replace" else texts
-    parts = [_defuse(text, path, pattern, policy) for path, text in kept if text]
+    parts = [defuse(text, path, pattern, policy) for path, text in kept if text]
     if template.system_prompt:
         parts.insert(0, template.system_prompt)
     return "\n\n".join(parts) if parts else None
@@ -168,8 +168,8 @@ def _clean_item(
             item = {**item, "status": "completed"}
     content = item.get("content")
     if isinstance(content, list):
-        item = {**item, "content": _merge_text_parts(content)}
-    cleaned: dict[str, Any] = _clean(item, path, pattern, policy)
+        item = {**item, "content": merge_text_parts(content)}
+    cleaned: dict[str, Any] = clean(item, path, pattern, policy)
     if cleaned.get("role") == "user":
-        cleaned["content"] = _wrap(cleaned.get("content"), template, "input_text")
+        cleaned["content"] = wrap(cleaned.get("content"), template, "input_text")
     return cleaned
