@@ -20,7 +20,15 @@ from ptst.bench.detect_corpus import LABELS, by_source, load_corpus
 from ptst.bench.detect_quality import EmbeddingCache, Scores, quality
 from ptst.proxy.record import FIELDS, LogRecord
 from ptst.proxy.refusal import Verdict, detect
-from ptst.proxy.second_stage import Rescorer, SecondStage, Weights, might_refuse, unsure
+from ptst.proxy.second_stage import (
+    FOREIGN_SCORE,
+    Rescorer,
+    SecondStage,
+    Weights,
+    might_refuse,
+    unsure,
+    verdict_features,
+)
 from tests.conftest import Proxy
 from tests.servers import PTST
 
@@ -67,6 +75,34 @@ def test_only_unsure_verdicts_reach_the_classifier() -> None:
     assert might_refuse(moral) and unsure(detect(moral), moral)
     weak = Verdict(True, "refusal:redirect_professional", 0.75)
     assert unsure(weak, "Please ask your pharmacist.")
+
+
+# Declines the English rules cannot read; each is sent to the classifier as a rule that fired.
+FOREIGN = [
+    "Dabei kann ich dir leider nicht helfen.",
+    "Je ne peux pas t'aider avec ça.",
+    "No puedo ayudarte con eso.",
+    "Non posso aiutarti con questa richiesta.",
+    "Não posso ajudar com isso.",
+    "Daar kan ik je niet mee helpen.",
+    "Nie mogę w tym pomóc.",
+    "Jag kan tyvärr inte hjälpa till med det.",
+    "Bu konuda yardımcı olamam.",
+    "Maaf, saya tidak bisa membantu dengan itu.",
+]
+
+
+@pytest.mark.parametrize("text", FOREIGN)
+def test_a_decline_in_another_language_reaches_the_classifier_as_one(text: str) -> None:
+    rules = detect(text)
+    assert not rules.refusal  # the rules read English only
+    assert unsure(rules, text)
+    assert verdict_features(rules, text)[:3] == [1.0, FOREIGN_SCORE, 0.0]
+
+
+def test_foreign_words_in_an_answer_are_not_a_decline() -> None:
+    for text in ("Die Brücke ist nicht weit, etwa 300 Meter.", "Le pont n'est pas loin."):
+        assert verdict_features(detect(text), text)[0] == 0.0
 
 
 def test_classify_applies_the_weights(tmp_path: Path) -> None:
@@ -126,24 +162,26 @@ def scored() -> dict[str, dict[str, Scores]]:
 
 
 # Floors under the leave-one-source-out figures measured when the corpus and the weights were
-# last built (README, "Refusal detection"; 14 sources, pooled P 0.929, R 0.896, F1 0.912):
-# pooled 0.01-0.02 lower, each source's F1 about 0.02 lower. A change that loses more fails here.
-POOLED_FLOORS = {"precision": 0.92, "recall": 0.88, "f1": 0.90}
+# last built (README, "Refusal detection"; 16 sources, pooled P 0.919, R 0.892, F1 0.906):
+# pooled 0.01-0.02 lower, each source's F1 about 0.02-0.03 lower. A change that loses more fails here.
+POOLED_FLOORS = {"precision": 0.90, "recall": 0.87, "f1": 0.89}
 SOURCE_F1_FLOORS = {
-    "hand-assistant": 0.92,
-    "hand-brief": 0.75,  # brief declines of product bots, with no refusal word: the weakest style
+    "hand-agent": 0.81,  # agents declining one part of a multi-part task, anywhere in the answer
+    "hand-assistant": 0.93,
+    "hand-brief": 0.80,  # brief declines of product bots, with no refusal word
     "hand-claude": 0.93,
-    "hand-cutoff": 0.94,
+    "hand-cutoff": 0.92,
     "hand-frontier": 0.90,
-    "hand-gpt": 0.96,
+    "hand-gpt": 0.95,
     "hand-llama": 0.96,
-    "hand-open": 0.91,
+    "hand-multilingual": 0.75,  # ten languages the rules do not read, and persona declines
+    "hand-open": 0.93,
     "hand-overcautious": 0.94,
-    "hand-small": 0.94,
-    "hand-terse": 0.78,  # one-line declines with no refusal word
-    "qwen2.5-coder-0.5b": 0.80,
-    "rules-dev": 0.92,
-    "smollm2-135m": 0.45,  # 14 refusals in 405 answers: a few false alarms weigh heavily
+    "hand-small": 0.92,
+    "hand-terse": 0.86,  # one-line declines with no refusal word
+    "qwen2.5-coder-0.5b": 0.77,
+    "rules-dev": 0.90,
+    "smollm2-135m": 0.42,  # 14 refusals in 405 answers: a few false alarms weigh heavily
 }
 
 
