@@ -156,7 +156,10 @@ class Upstreams:
         url = base.removesuffix("/v1") + "/health"
         try:
             async with self.session.get(
-                url, timeout=aiohttp.ClientTimeout(total=2.0), proxy=self.proxy_for(base)
+                url,
+                timeout=aiohttp.ClientTimeout(total=2.0),
+                proxy=self.proxy_for(base),
+                allow_redirects=False,  # a redirect is not ready: only configured hosts are asked
             ) as resp:
                 await resp.read()
                 return resp.status == 200

@@ -338,6 +338,20 @@ def test_a_redirect_is_not_followed() -> None:
     assert elsewhere.requests == []
 
 
+def test_a_health_check_does_not_follow_a_redirect() -> None:
+    """A /health that redirects reads as not ready; the address it names hears nothing."""
+    elsewhere = Answering(ok(b"{}"))
+
+    async def main() -> None:
+        async with serve(elsewhere) as other:
+            moved = ok(b"", f"location: {other.url('/health')}", status="302 Found")
+            async with serve(Answering(moved)) as server, upstreams() as ups:
+                assert not await ups.get_health(server.url("/v1"))
+
+    run(main)
+    assert elsewhere.requests == []
+
+
 @pytest.mark.parametrize("status", [429, 503])
 def test_retry_after_is_passed_back(status: int) -> None:
     answer = ok(b'{"error": {"message": "busy"}}', "retry-after: 7", status=f"{status} Busy")
