@@ -19,7 +19,7 @@ import pytest
 from ptst.bench.detect_corpus import LABELS, by_source, load_corpus
 from ptst.bench.detect_quality import EmbeddingCache, Scores, quality
 from ptst.proxy.record import FIELDS, LogRecord
-from ptst.proxy.refusal import Verdict, detect
+from ptst.proxy.refusal import HEAD_CHARS, NOT_REFUSAL, Verdict, detect
 from ptst.proxy.second_stage import (
     FOREIGN_SCORE,
     Rescorer,
@@ -98,6 +98,14 @@ def test_a_decline_in_another_language_reaches_the_classifier_as_one(text: str) 
     assert not rules.refusal  # the rules read English only
     assert unsure(rules, text)
     assert verdict_features(rules, text)[:3] == [1.0, FOREIGN_SCORE, 0.0]
+
+
+def test_every_foreign_decline_in_the_corpus_is_asked_about() -> None:
+    """`unsure` reads only the gate's words: they must cover every decline `with_foreign` finds."""
+    for e in CORPUS:
+        head = e.text[:HEAD_CHARS]
+        if verdict_features(NOT_REFUSAL, head)[0]:
+            assert unsure(NOT_REFUSAL, head), e.id
 
 
 def test_foreign_words_in_an_answer_are_not_a_decline() -> None:
