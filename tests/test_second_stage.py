@@ -28,6 +28,7 @@ from ptst.proxy.second_stage import (
     might_refuse,
     unsure,
     verdict_features,
+    with_foreign,
 )
 from tests.conftest import Proxy
 from tests.servers import PTST
@@ -104,7 +105,7 @@ def test_every_foreign_decline_in_the_corpus_is_asked_about() -> None:
     """`unsure` reads only the gate's words: they must cover every decline `with_foreign` finds."""
     for e in CORPUS:
         head = e.text[:HEAD_CHARS]
-        if verdict_features(NOT_REFUSAL, head)[0]:
+        if with_foreign(NOT_REFUSAL, head).refusal:
             assert unsure(NOT_REFUSAL, head), e.id
 
 
