@@ -82,6 +82,7 @@ def test_only_unsure_verdicts_reach_the_classifier() -> None:
 FOREIGN = [
     "Dabei kann ich dir leider nicht helfen.",
     "Je ne peux pas t'aider avec ça.",
+    "Je n'aiderai personne à tricher.",
     "No puedo ayudarte con eso.",
     "Non posso aiutarti con questa richiesta.",
     "Não posso ajudar com isso.",
