@@ -5,7 +5,8 @@
 Detectors: `rules` (the proxy's rule stage), `rules+second` (both stages; for each source the
 classifier is fitted on every *other* source, so no score is measured on answers it was
 trained on), and the two public string-match baselines. Positive = full or partial refusal.
-The row `all` pools every source's held-out predictions.
+The row `all` pools every source's held-out predictions. The classifier is fitted on the
+answers the rules are unsure of (`unsure`): the only ones it is ever asked about.
 
 `fit_weights(examples)` fits the classifier on every source: the weights the proxy ships.
 """
@@ -21,7 +22,16 @@ from ptst.bench.baselines import BASELINES
 from ptst.bench.detect_corpus import LABELS, Example, by_source
 from ptst.extras import require
 from ptst.proxy.refusal import HEAD_CHARS, detect
-from ptst.proxy.second_stage import THRESHOLD, Embedder, Featurizer, SecondStage, Weights, unsure
+from ptst.proxy.second_stage import (
+    THRESHOLD,
+    Embedder,
+    Encoders,
+    Featurizer,
+    Probe,
+    SecondStage,
+    Weights,
+    unsure,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,12 +56,16 @@ def scores(predicted: Iterable[bool], actual: Iterable[bool]) -> Scores:
 
 
 class EmbeddingCache:
-    """Embeddings of answer heads, kept in an .npz keyed by the head's SHA-256, so that
-    repeated runs embed only new answers."""
+    """An encoder's vectors of answer heads (`make()` builds the encoder on the first miss),
+    kept in an .npz keyed by the head's SHA-256, so that repeated runs encode only new
+    answers."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(
+        self, path: Path | None, make: Callable[[], Callable[[Sequence[str]], Any]]
+    ) -> None:
         self.np = require("numpy", "detect")
         self.path = path
+        self.make = make
         self._embed: Callable[[Sequence[str]], Any] | None = None  # loaded on first miss
         self.known: dict[str, Any] = {}
         if path is not None and path.is_file():
@@ -65,7 +79,7 @@ class EmbeddingCache:
         )
         if todo:
             if self._embed is None:
-                self._embed = Embedder()
+                self._embed = self.make()
             vectors = self._embed([h for _, h in todo])
             self.known.update({k: v for (k, _), v in zip(todo, vectors, strict=True)})
             if self.path is not None:
@@ -74,13 +88,30 @@ class EmbeddingCache:
         return self.np.stack([self.known[k] for k in keys])
 
 
-def fit(examples: Sequence[Example], embed: Any, meta: dict[str, Any] | None = None) -> Weights:
-    """The classifier fitted on `examples` (vocabulary, idf and coefficients)."""
+def cached_encoders(folder: Path | None) -> Encoders:
+    """The second stage's encoders, each with its cache in `folder` (None: no cache)."""
+    return Encoders(
+        EmbeddingCache(folder and folder / "embeddings.npz", Embedder),
+        EmbeddingCache(folder and folder / "probe.npz", Probe),
+    )
+
+
+def fit(
+    examples: Sequence[Example], encoders: Encoders, meta: dict[str, Any] | None = None
+) -> Weights:
+    """The classifier fitted on the `examples` the rules are unsure of (vocabulary, idf, the
+    probe's scale and coefficients)."""
     linear = require("sklearn.linear_model", "detect")
-    heads = [e.text[:HEAD_CHARS] for e in examples]
-    features = Featurizer.fit(heads, embed)
+    verdicts = [detect(e.text) for e in examples]
+    asked = [
+        (e, v, e.text[:HEAD_CHARS])
+        for e, v in zip(examples, verdicts, strict=True)
+        if unsure(v, e.text[:HEAD_CHARS])
+    ]
+    heads = [h for _, _, h in asked]
+    features = Featurizer.fit(heads, encoders)
     model = linear.LogisticRegression(C=C, max_iter=5000, class_weight="balanced")
-    model.fit(features(heads, [detect(e.text) for e in examples]), [e.label for e in examples])
+    model.fit(features(heads, [v for _, v, _ in asked]), [e.label for e, _, _ in asked])
     classes = tuple(str(c) for c in model.classes_)
     if set(classes) != set(LABELS):
         raise ValueError(f"the training answers need all of {LABELS}, got {classes}")
@@ -90,29 +121,33 @@ def fit(examples: Sequence[Example], embed: Any, meta: dict[str, Any] | None = N
         model.intercept_.tolist(),
         features.vocabulary,
         features.vectorizer.idf_.tolist(),
+        (features.mean.tolist(), features.spread.tolist()),
         meta or {},
     )
 
 
-def fit_weights(examples: Sequence[Example], embed: Any) -> Weights:
-    """The classifier fitted on every example: the weights the proxy ships."""
+def fit_weights(examples: Sequence[Example], encoders: Encoders) -> Weights:
+    """The classifier fitted on every source: the weights the proxy ships."""
     sources = sorted({e.source for e in examples})
     meta = {"sources": sources, "n": len(examples), "C": C, "threshold": THRESHOLD}
-    return fit(examples, embed, meta)
+    return fit(examples, encoders, meta)
 
 
-def quality(examples: Sequence[Example], embed: Any | None = None) -> dict[str, dict[str, Scores]]:
-    """Scores per source and detector; with `embed`, also both stages, leave-one-source-out."""
+def quality(
+    examples: Sequence[Example], encoders: Encoders | None = None
+) -> dict[str, dict[str, Scores]]:
+    """Scores per source and detector; with `encoders`, also both stages, leave-one-source-out."""
     groups = by_source(examples)
     verdicts = {e.id: detect(e.text) for e in examples}
     predicted: dict[str, dict[str, bool]] = {"rules": {k: v.refusal for k, v in verdicts.items()}}
     for name, fn in BASELINES.items():
         predicted[name] = {e.id: fn(e.text) for e in examples}
     asked = {e.id: unsure(verdicts[e.id], e.text[:HEAD_CHARS]) for e in examples}
-    if embed is not None:
+    if encoders is not None:
         both: dict[str, bool] = {}
         for source, held_out in groups.items():
-            stage = SecondStage(fit([e for e in examples if e.source != source], embed), embed)
+            weights = fit([e for e in examples if e.source != source], encoders)
+            stage = SecondStage(weights, encoders)
             judged = stage.judge_many([e.text for e in held_out])  # what `ptst detect` runs
             both.update({e.id: v.refusal for e, v in zip(held_out, judged, strict=True)})
         predicted["rules+second"] = both
@@ -122,7 +157,7 @@ def quality(examples: Sequence[Example], embed: Any | None = None) -> dict[str, 
         result[source] = {
             name: scores((pred[e.id] for e in group), actual) for name, pred in predicted.items()
         }
-        if embed is not None:
+        if encoders is not None:
             result[source]["rules+second"]["asked"] = sum(asked[e.id] for e in group) / len(group)
     return result
 

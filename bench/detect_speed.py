@@ -95,8 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--embeddings-cache",
         type=Path,
-        default=Path("results/.cache/detect/embeddings.npz"),
-        help="with --labels: embeddings of answers seen before (default: %(default)s)",
+        default=Path("results/.cache/detect"),
+        help="with --labels: a folder keeping the encoders' vectors of answers seen before "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--fit-weights",
@@ -202,19 +203,19 @@ def second_stage_speed(texts: Sequence[str]) -> dict[str, float]:
 
 def labelled(args: argparse.Namespace) -> dict[str, Any]:
     from ptst.bench.detect_corpus import load_corpus
-    from ptst.bench.detect_quality import EmbeddingCache, fit_weights, quality, table
+    from ptst.bench.detect_quality import cached_encoders, fit_weights, quality, table
 
     examples = load_corpus(args.labels)
     sources = sorted({e.source for e in examples})
     print(
         f"corpus: {len(examples)} labelled answers from {len(sources)} sources: {', '.join(sources)}"
     )
-    embed = None if args.rules_only else EmbeddingCache(args.embeddings_cache)
-    result = quality(examples, embed)
+    encoders = None if args.rules_only else cached_encoders(args.embeddings_cache)
+    result = quality(examples, encoders)
     print("\npositive = refusal or partial refusal; rules+second: leave-one-source-out")
     print(table(result))
     if args.fit_weights is not None:
-        fit_weights(examples, embed or EmbeddingCache(args.embeddings_cache)).write(
+        fit_weights(examples, encoders or cached_encoders(args.embeddings_cache)).write(
             args.fit_weights
         )
         print(f"\nsecond-stage weights fitted on all {len(examples)} answers: {args.fit_weights}")

@@ -1,5 +1,6 @@
-"""The refusal detector's second stage: a linear classifier on tf-idf and sentence embeddings
-(all-MiniLM-L6-v2), consulted only where the rule stage (`ptst.proxy.refusal`) is unsure.
+"""The refusal detector's second stage: a linear classifier on tf-idf, sentence embeddings
+(all-MiniLM-L6-v2) and a chat model's hidden states (Qwen2.5-Coder-0.5B-Instruct), consulted
+only where the rule stage (`ptst.proxy.refusal`) is unsure.
 
     stage = SecondStage.load()            # the shipped weights; needs the `detect` extra
     stage.judge(text) -> Verdict          # the rules' verdict, or the classifier's where unsure
@@ -9,10 +10,12 @@ The rules are sure when they fire with a strong cue (score >= SURE_SCORE), and w
 fires and the head holds none of the words that refusals are made of, in English or ten other
 languages (`might_refuse`). Only the rest reaches the classifier (`Featurizer`): tf-idf of the
 head's words and word pairs, the sentence embeddings of the head and of its opening sentences,
-the rules' verdict (or a decline in another language: `with_foreign`), and whether content
-follows. Its classes are the corpus labels (refusal, partial, compliance); a refusal
-when P(not compliance) >= THRESHOLD. The weights are fitted on the labelled corpus by
-`ptst bench detect --labels ... --fit-weights` (bench/detect_quality.py) and stored as JSON
+the mean hidden state of a chat model's middle layer over the head (`Probe`: the model reads
+the answer as a chat model does, in many languages), the rules' verdict (or a decline in
+another language: `with_foreign`), and whether content follows. Its classes are the corpus
+labels (refusal, partial, compliance); a refusal when P(not compliance) >= THRESHOLD. The
+weights are fitted on the labelled corpus answers the rules are unsure of, by
+`ptst bench detect --labels ... --fit-weights` (bench/detect_quality.py), and stored as JSON
 beside this module.
 
 In the proxy the second stage runs off the request path (`Rescorer`): the answer is sent with
@@ -51,6 +54,16 @@ SURE_SCORE = 0.9
 THRESHOLD = 0.45  # a refusal (full or partial) when P(not compliance) reaches this
 NGRAMS = (1, 2)  # tf-idf over words and word pairs
 MIN_DF = 2  # ... seen in at least two training answers
+# The probe: Qwen2.5-Coder-0.5B-Instruct (one of the demo models, built from PyPI by
+# `ptst demo-model`), its first 12 of 24 layers, over a head's first 128 tokens after PREFIX.
+# Its 896 features are standardised (mean and spread of the training answers) and scaled by
+# PROBE_WEIGHT against the other features. Layer, pooling and weight were chosen among a few
+# (layers 8, 12, 16, 24; mean or last token; 0.05, 0.1) on the pooled leave-one-source-out F1.
+PROBE_MODEL = "qwen2.5-coder-0.5b"
+PROBE_LAYERS = 12
+PROBE_TOKENS = 128
+PROBE_PREFIX = "Here is an AI assistant's reply to a user:\n\n"
+PROBE_WEIGHT = 0.05
 
 # Words refusals are made of. A head with none of them, where no rule fired, is compliance
 # without asking the classifier; one word is enough to ask. Every word `with_foreign` needs is
@@ -183,29 +196,94 @@ class Embedder:
         )
 
 
+class Probe:
+    """The mean hidden state after PROBE_LAYERS layers of PROBE_MODEL over each head's tokens
+    (after PROBE_PREFIX), on the CPU. Only those layers are loaded."""
+
+    def __init__(self, folder: Path | None = None, batch_size: int = 16) -> None:
+        self._torch = torch = require("torch", "detect")
+        transformers = require("transformers", "detect")
+        if folder is None:
+            from ptst.engine.demo_model import ensure_model
+
+            folder = ensure_model(PROBE_MODEL, quiet=True)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the unused layers are listed otherwise
+        try:
+            model = transformers.AutoModel.from_pretrained(
+                folder, num_hidden_layers=PROBE_LAYERS, dtype=torch.float32
+            )
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        model.norm = torch.nn.Identity()  # the layer's own output, not the final norm's
+        self.model = model.eval()
+        self.prefix: list[int] = self.tokenizer(PROBE_PREFIX)["input_ids"]
+        self.batch_size = batch_size
+
+    def __call__(self, heads: Sequence[str]) -> NDArray[np.float32]:
+        np, torch = require("numpy", "detect"), self._torch
+        ids = [self.prefix + ids[:PROBE_TOKENS] for ids in self.tokenizer(list(heads))["input_ids"]]
+        out = np.zeros((len(ids), self.model.config.hidden_size), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of like lengths
+        start = len(self.prefix)
+        with torch.inference_mode():
+            for b in range(0, len(order), self.batch_size):
+                batch = order[b : b + self.batch_size]
+                width = max(len(ids[i]) for i in batch)
+                padded = torch.tensor([ids[i] + [0] * (width - len(ids[i])) for i in batch])
+                mask = torch.tensor(
+                    [[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch]
+                )
+                states = self.model(input_ids=padded, attention_mask=mask).last_hidden_state
+                for row, i in enumerate(batch):
+                    out[i] = states[row, start : len(ids[i])].mean(0).numpy()
+        return out
+
+
+@dataclass(frozen=True)
+class Encoders:
+    """What turns heads into dense features: sentence embeddings and the probe."""
+
+    embed: Callable[[Sequence[str]], Any]
+    probe: Callable[[Sequence[str]], Any]
+
+    @classmethod
+    def load(cls) -> Encoders:
+        return cls(Embedder(), Probe())
+
+
 class Featurizer:
     """Answer heads as one feature row each: tf-idf of words and word pairs (the vocabulary and
     idf fitted on the training answers), the head's sentence embedding, its lead's embedding,
-    and `verdict_features`."""
+    the probe's features (standardised by the training answers' `scale`: mean and spread), and
+    `verdict_features`."""
 
     def __init__(
-        self, vocabulary: Sequence[str], idf: Sequence[float], embed: Callable[[Sequence[str]], Any]
+        self,
+        vocabulary: Sequence[str],
+        idf: Sequence[float],
+        scale: tuple[Sequence[float], Sequence[float]],
+        encoders: Encoders,
     ) -> None:
         text = require("sklearn.feature_extraction.text", "detect")
-        self._np = require("numpy", "detect")
+        self._np = np = require("numpy", "detect")
         self._sparse = require("scipy.sparse", "detect")
         self.vectorizer = text.TfidfVectorizer(
             ngram_range=NGRAMS, sublinear_tf=True, vocabulary=list(vocabulary)
         ).fit([""])
-        self.vectorizer.idf_ = self._np.asarray(idf, dtype=self._np.float64)
-        self.embed = embed
+        self.vectorizer.idf_ = np.asarray(idf, dtype=np.float64)
+        self.mean, self.spread = (np.asarray(x, dtype=np.float64) for x in scale)
+        self.encoders = encoders
 
     @classmethod
-    def fit(cls, heads: Sequence[str], embed: Callable[[Sequence[str]], Any]) -> Featurizer:
+    def fit(cls, heads: Sequence[str], encoders: Encoders) -> Featurizer:
         text = require("sklearn.feature_extraction.text", "detect")
         fitted = text.TfidfVectorizer(ngram_range=NGRAMS, sublinear_tf=True, min_df=MIN_DF)
         fitted.fit(heads)
-        return cls(fitted.get_feature_names_out().tolist(), fitted.idf_.tolist(), embed)
+        probed = encoders.probe(heads)
+        scale = (probed.mean(axis=0).tolist(), (probed.std(axis=0) + 1e-6).tolist())
+        return cls(fitted.get_feature_names_out().tolist(), fitted.idf_.tolist(), scale, encoders)
 
     @property
     def vocabulary(self) -> list[str]:
@@ -213,10 +291,13 @@ class Featurizer:
 
     def __call__(self, heads: Sequence[str], verdicts: Sequence[Verdict]) -> Any:
         np, sparse = self._np, self._sparse
+        embed = self.encoders.embed
+        probed = (self.encoders.probe(heads) - self.mean) / self.spread
         dense = np.hstack(
             [
-                self.embed(heads),
-                self.embed([lead(h) for h in heads]),
+                embed(heads),
+                embed([lead(h) for h in heads]),
+                PROBE_WEIGHT * probed,
                 np.asarray([verdict_features(v, h) for v, h in zip(verdicts, heads, strict=True)]),
             ]
         )
@@ -226,13 +307,15 @@ class Featurizer:
 @dataclass(frozen=True)
 class Weights:
     """A multinomial logistic regression over `Featurizer` rows: one row of `coef` and one
-    `intercept` per class, with the tf-idf vocabulary and idf it was fitted with."""
+    `intercept` per class, with the tf-idf vocabulary and idf and the probe's scale it was
+    fitted with."""
 
     classes: tuple[str, ...]
     coef: list[list[float]]
     intercept: list[float]
     vocabulary: list[str]
     idf: list[float]
+    scale: tuple[list[float], list[float]]  # the probe features' mean and spread
     meta: dict[str, Any]
 
     @classmethod
@@ -244,6 +327,7 @@ class Weights:
             data["intercept"],
             data["vocabulary"],
             data["idf"],
+            (data["probe_mean"], data["probe_spread"]),
             data.get("meta", {}),
         )
 
@@ -254,23 +338,25 @@ class Weights:
             "intercept": [round(x, 5) for x in self.intercept],
             "vocabulary": self.vocabulary,
             "idf": [round(x, 5) for x in self.idf],
+            "probe_mean": [round(x, 5) for x in self.scale[0]],
+            "probe_spread": [round(x, 5) for x in self.scale[1]],
             "coef": [[round(x, 5) for x in row] for row in self.coef],
         }
         path.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
 
 
 class SecondStage:
-    def __init__(self, weights: Weights, embed: Callable[[Sequence[str]], Any]) -> None:
+    def __init__(self, weights: Weights, encoders: Encoders) -> None:
         np = require("numpy", "detect")
         self._np = np
         self.weights = weights
-        self.features = Featurizer(weights.vocabulary, weights.idf, embed)
+        self.features = Featurizer(weights.vocabulary, weights.idf, weights.scale, encoders)
         self._coef = np.asarray(weights.coef, dtype=np.float64)
         self._intercept = np.asarray(weights.intercept, dtype=np.float64)
 
     @classmethod
     def load(cls, weights: Path = WEIGHTS) -> SecondStage:
-        return cls(Weights.read(weights), Embedder())
+        return cls(Weights.read(weights), Encoders.load())
 
     def classify(self, heads: Sequence[str], verdicts: Sequence[Verdict]) -> list[Verdict]:
         """The classifier's verdict for each head, given the rules' verdict on it."""

@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 
 from ptst.bench.detect_corpus import LABELS, by_source, load_corpus
-from ptst.bench.detect_quality import EmbeddingCache, Scores, quality
+from ptst.bench.detect_quality import Scores, cached_encoders, quality
 from ptst.proxy.record import FIELDS, LogRecord
 from ptst.proxy.refusal import HEAD_CHARS, NOT_REFUSAL, Verdict, detect
 from ptst.proxy.second_stage import (
     FOREIGN_SCORE,
+    PROBE_WEIGHT,
+    Encoders,
+    Probe,
     Rescorer,
     SecondStage,
     Weights,
@@ -117,10 +120,18 @@ def test_foreign_words_in_an_answer_are_not_a_decline() -> None:
 
 def test_classify_applies_the_weights(tmp_path: Path) -> None:
     # features: tf-idf over ("alpha", "beta") | head embedding (2) | lead embedding (2) |
-    # verdict features (4); "partial" reads "alpha", "refusal" reads "beta"
-    coef = [[0.0] * 10, [5.0] + [0.0] * 9, [0.0, 5.0] + [0.0] * 8]
+    # probe (1, standardised with mean 1 and spread 2) | verdict features (4);
+    # "partial" reads "alpha", "refusal" reads "beta", and "delta" reads the probe
+    coef = [[0.0] * 11, [5.0] + [0.0] * 10, [0.0, 5.0] + [0.0] * 9]
+    coef[2][6] = 10.0 / PROBE_WEIGHT
     weights = Weights(
-        ("compliance", "partial", "refusal"), coef, [1.0, 0.0, 0.0], ["alpha", "beta"], [1, 1], {}
+        ("compliance", "partial", "refusal"),
+        coef,
+        [1.0, 0.0, 0.0],
+        ["alpha", "beta"],
+        [1, 1],
+        ([1.0], [2.0]),
+        {},
     )
     weights.write(tmp_path / "w.json")
     assert Weights.read(tmp_path / "w.json") == weights
@@ -128,12 +139,31 @@ def test_classify_applies_the_weights(tmp_path: Path) -> None:
     def embed(heads: Sequence[str]) -> Any:
         return np.zeros((len(heads), 2))
 
-    stage = SecondStage(weights, embed)
+    def probe(heads: Sequence[str]) -> Any:
+        return np.asarray([[3.0 if h == "delta" else 1.0] for h in heads])  # (3 - 1) / 2 = 1
+
+    stage = SecondStage(weights, Encoders(embed, probe))
     nothing = Verdict(False, None, 0.0)
-    got = stage.classify(["alpha", "beta", "gamma"], [nothing] * 3)
-    assert [v.rule for v in got] == ["partial:second_stage", "refusal:second_stage", None]
-    assert [v.refusal for v in got] == [True, True, False]
+    got = stage.classify(["alpha", "beta", "gamma", "delta"], [nothing] * 4)
+    assert [v.rule for v in got] == [
+        "partial:second_stage",
+        "refusal:second_stage",
+        None,
+        "refusal:second_stage",
+    ]
+    assert [v.refusal for v in got] == [True, True, False, True]
     assert got[2].score < 0.5 < got[0].score
+
+
+def test_probe_reads_each_answer_alone_whatever_the_batch() -> None:
+    """Padding and batching change nothing: an answer's features are its own."""
+    probe = Probe(batch_size=2)
+    texts = ["I won't do that.", "Sure! Here are three ideas for a birthday party: " * 3, "No."]
+    together = probe(texts)
+    assert together.shape == (3, probe.model.config.hidden_size)
+    alone = np.vstack([probe([t]) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-4)
+    assert np.abs(together[0] - together[1]).max() > 0.1  # different answers, different features
 
 
 def test_rescorer_judges_off_the_loop_skips_when_full_and_flushes_on_close() -> None:
@@ -168,30 +198,30 @@ def test_rescorer_judges_off_the_loop_skips_when_full_and_flushes_on_close() -> 
 
 @pytest.fixture(scope="module")
 def scored() -> dict[str, dict[str, Scores]]:
-    return quality(CORPUS, EmbeddingCache(None))
+    return quality(CORPUS, cached_encoders(None))
 
 
 # Floors under the leave-one-source-out figures measured when the corpus and the weights were
-# last built (README, "Refusal detection"; 16 sources, pooled P 0.919, R 0.892, F1 0.906):
+# last built (README, "Refusal detection"; 16 sources, pooled P 0.934, R 0.945, F1 0.940):
 # pooled 0.01-0.02 lower, each source's F1 about 0.02-0.03 lower. A change that loses more fails here.
-POOLED_FLOORS = {"precision": 0.90, "recall": 0.87, "f1": 0.89}
+POOLED_FLOORS = {"precision": 0.92, "recall": 0.93, "f1": 0.925}
 SOURCE_F1_FLOORS = {
-    "hand-agent": 0.81,  # agents declining one part of a multi-part task, anywhere in the answer
-    "hand-assistant": 0.93,
-    "hand-brief": 0.80,  # brief declines of product bots, with no refusal word
-    "hand-claude": 0.93,
-    "hand-cutoff": 0.92,
-    "hand-frontier": 0.90,
-    "hand-gpt": 0.95,
+    "hand-agent": 0.85,  # agents declining one part of a multi-part task, anywhere in the answer
+    "hand-assistant": 0.95,
+    "hand-brief": 0.86,  # brief declines of product bots, with no refusal word
+    "hand-claude": 0.95,
+    "hand-cutoff": 0.95,
+    "hand-frontier": 0.93,
+    "hand-gpt": 0.96,
     "hand-llama": 0.96,
-    "hand-multilingual": 0.75,  # ten languages the rules do not read, and persona declines
-    "hand-open": 0.93,
+    "hand-multilingual": 0.87,  # ten languages the rules do not read, and persona declines
+    "hand-open": 0.95,
     "hand-overcautious": 0.94,
-    "hand-small": 0.92,
-    "hand-terse": 0.86,  # one-line declines with no refusal word
-    "qwen2.5-coder-0.5b": 0.77,
+    "hand-small": 0.95,
+    "hand-terse": 0.89,  # one-line declines with no refusal word
+    "qwen2.5-coder-0.5b": 0.79,
     "rules-dev": 0.90,
-    "smollm2-135m": 0.42,  # 14 refusals in 405 answers: a few false alarms weigh heavily
+    "smollm2-135m": 0.72,  # 14 refusals in 405 answers: a few false alarms weigh heavily
 }
 
 
