@@ -184,7 +184,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def second_stage_speed(texts: Sequence[str]) -> dict[str, float]:
-    """Both stages over `texts` in one batch, wall time (the embedding model uses threads)."""
+    """Both stages over `texts` in one batch, wall time (the models use threads)."""
     from ptst.proxy.second_stage import SecondStage, unsure
 
     stage = SecondStage.load()

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--second-stage",
         action="store_true",
-        help="ask the embedding classifier where the rules are unsure (needs the 'detect' extra; "
+        help="ask the classifier where the rules are unsure (needs the 'detect' extra; "
         "loading it takes seconds)",
     )
     parser.add_argument(

@@ -115,7 +115,7 @@ def create_app(settings: Settings, config_path: Path | None = None) -> FastAPI:
 
 
 async def start_second_stage(settings: Settings) -> Rescorer | None:
-    """The second-stage rescorer when `log.second_stage` is on (loading the embedding model
+    """The second-stage rescorer when `log.second_stage` is on (loading the two models
     takes seconds, so it happens at start, on a thread)."""
     if not settings.log.second_stage:
         return None

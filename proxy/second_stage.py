@@ -57,8 +57,8 @@ MIN_DF = 2  # ... seen in at least two training answers
 # The probe: Qwen2.5-Coder-0.5B-Instruct (one of the demo models, built from PyPI by
 # `ptst demo-model`), its first 12 of 24 layers, over a head's first 128 tokens after PREFIX.
 # Its 896 features are standardised (mean and spread of the training answers) and scaled by
-# PROBE_WEIGHT against the other features. Layer, pooling and weight were chosen among a few
-# (layers 8, 12, 16, 24; mean or last token; 0.05, 0.1) on the pooled leave-one-source-out F1.
+# PROBE_WEIGHT against the other features. Layer and weight were chosen among a few (layers 8,
+# 12, 16; weights 0.05, 0.1) on the pooled leave-one-source-out F1 (README).
 PROBE_MODEL = "qwen2.5-coder-0.5b"
 PROBE_LAYERS = 12
 PROBE_TOKENS = 128
