@@ -202,11 +202,11 @@ def scored() -> dict[str, dict[str, Scores]]:
 
 
 # Floors under the leave-one-source-out figures measured when the corpus and the weights were
-# last built (README, "Refusal detection"; 16 sources, pooled P 0.934, R 0.945, F1 0.940):
+# last built (README, "Refusal detection"; 16 sources, pooled P 0.938, R 0.940, F1 0.939):
 # pooled 0.01-0.02 lower, each source's F1 about 0.02-0.03 lower. A change that loses more fails here.
-POOLED_FLOORS = {"precision": 0.92, "recall": 0.93, "f1": 0.925}
+POOLED_FLOORS = {"precision": 0.92, "recall": 0.925, "f1": 0.925}
 SOURCE_F1_FLOORS = {
-    "hand-agent": 0.85,  # agents declining one part of a multi-part task, anywhere in the answer
+    "hand-agent": 0.84,  # agents declining one part of a multi-part task, anywhere in the answer
     "hand-assistant": 0.95,
     "hand-brief": 0.86,  # brief declines of product bots, with no refusal word
     "hand-claude": 0.95,
@@ -214,14 +214,14 @@ SOURCE_F1_FLOORS = {
     "hand-frontier": 0.93,
     "hand-gpt": 0.96,
     "hand-llama": 0.96,
-    "hand-multilingual": 0.87,  # ten languages the rules do not read, and persona declines
-    "hand-open": 0.95,
+    "hand-multilingual": 0.85,  # ten languages the rules do not read, and persona declines
+    "hand-open": 0.94,
     "hand-overcautious": 0.94,
     "hand-small": 0.95,
-    "hand-terse": 0.89,  # one-line declines with no refusal word
+    "hand-terse": 0.90,  # one-line declines with no refusal word
     "qwen2.5-coder-0.5b": 0.79,
     "rules-dev": 0.90,
-    "smollm2-135m": 0.72,  # 14 refusals in 405 answers: a few false alarms weigh heavily
+    "smollm2-135m": 0.78,  # 14 refusals in 405 answers: a few false alarms weigh heavily
 }
 
 
