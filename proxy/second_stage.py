@@ -26,13 +26,14 @@ once the classifier has run on a worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -184,12 +185,28 @@ def model_dir() -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' warnings and progress bars off while a model loads (stderr is the CLI's)."""
+    logging = require("transformers", "detect").logging
+    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
+
+
 class Embedder:
     """Sentence embeddings of answer heads (unit length), on the CPU."""
 
     def __init__(self, folder: Path | None = None) -> None:
         st = require("sentence_transformers", "detect")
-        self.model = st.SentenceTransformer(str(folder or model_dir()), device="cpu")
+        with _quiet():
+            self.model = st.SentenceTransformer(str(folder or model_dir()), device="cpu")
 
     def __call__(self, heads: Sequence[str]) -> NDArray[np.float32]:
         return self.model.encode(
@@ -209,14 +226,10 @@ class Probe:
 
             folder = ensure_model(PROBE_MODEL, quiet=True)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # the unused layers are listed otherwise
-        try:
+        with _quiet():  # transformers would list the layers left out
             model = transformers.AutoModel.from_pretrained(
                 folder, num_hidden_layers=PROBE_LAYERS, dtype=torch.float32
             )
-        finally:
-            transformers.logging.set_verbosity(verbosity)
         model.norm = torch.nn.Identity()  # the layer's own output, not the final norm's
         self.model = model.eval()
         self.prefix: list[int] = self.tokenizer(PROBE_PREFIX)["input_ids"]
