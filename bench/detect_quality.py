@@ -90,9 +90,11 @@ class EmbeddingCache:
 
 def cached_encoders(folder: Path | None) -> Encoders:
     """The second stage's encoders, each with its cache in `folder` (None: no cache)."""
+    if folder is None:
+        return Encoders(EmbeddingCache(None, Embedder), EmbeddingCache(None, Probe))
     return Encoders(
-        EmbeddingCache(folder and folder / "embeddings.npz", Embedder),
-        EmbeddingCache(folder and folder / "probe.npz", Probe),
+        EmbeddingCache(folder / "embeddings.npz", Embedder),
+        EmbeddingCache(folder / "probe.npz", Probe),
     )
 
 
@@ -102,16 +104,12 @@ def fit(
     """The classifier fitted on the `examples` the rules are unsure of (vocabulary, idf, the
     probe's scale and coefficients)."""
     linear = require("sklearn.linear_model", "detect")
-    verdicts = [detect(e.text) for e in examples]
-    asked = [
-        (e, v, e.text[:HEAD_CHARS])
-        for e, v in zip(examples, verdicts, strict=True)
-        if unsure(v, e.text[:HEAD_CHARS])
-    ]
-    heads = [h for _, _, h in asked]
+    judged = [(e, e.text[:HEAD_CHARS], detect(e.text)) for e in examples]
+    asked = [(e, head, verdict) for e, head, verdict in judged if unsure(verdict, head)]
+    heads = [head for _, head, _ in asked]
     features = Featurizer.fit(heads, encoders)
     model = linear.LogisticRegression(C=C, max_iter=5000, class_weight="balanced")
-    model.fit(features(heads, [v for _, v, _ in asked]), [e.label for e, _, _ in asked])
+    model.fit(features(heads, [v for _, _, v in asked]), [e.label for e, _, _ in asked])
     classes = tuple(str(c) for c in model.classes_)
     if set(classes) != set(LABELS):
         raise ValueError(f"the training answers need all of {LABELS}, got {classes}")

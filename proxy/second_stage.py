@@ -250,8 +250,8 @@ class Probe:
                     [[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch]
                 )
                 states = self.model(input_ids=padded, attention_mask=mask).last_hidden_state
-                for row, i in enumerate(batch):
-                    out[i] = states[row, start : len(ids[i])].mean(0).numpy()
+                for row, i in enumerate(batch):  # an empty head: the prefix's last token
+                    out[i] = states[row, min(start, len(ids[i]) - 1) : len(ids[i])].mean(0).numpy()
         return out
 
 

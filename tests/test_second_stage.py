@@ -164,6 +164,7 @@ def test_probe_reads_each_answer_alone_whatever_the_batch() -> None:
     alone = np.vstack([probe([t]) for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-4)
     assert np.abs(together[0] - together[1]).max() > 0.1  # different answers, different features
+    assert np.isfinite(probe([""])).all()
 
 
 def test_rescorer_judges_off_the_loop_skips_when_full_and_flushes_on_close() -> None:
