@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from ptst.bench.baselines import BASELINES
 from ptst.bench.detect_corpus import LABELS, Example, by_source
+from ptst.engine.demo_model import ensure_model
 from ptst.extras import require
 from ptst.proxy.refusal import HEAD_CHARS, detect
 from ptst.proxy.second_stage import (
+    PROBE_MODEL,
     THRESHOLD,
     Embedder,
     Encoders,
@@ -88,13 +90,18 @@ class EmbeddingCache:
         return self.np.stack([self.known[k] for k in keys])
 
 
+def probe() -> Probe:
+    """The probe, its model built first if need be."""
+    return Probe(ensure_model(PROBE_MODEL, quiet=True))
+
+
 def cached_encoders(folder: Path | None) -> Encoders:
     """The second stage's encoders, each with its cache in `folder` (None: no cache)."""
     if folder is None:
-        return Encoders(EmbeddingCache(None, Embedder), EmbeddingCache(None, Probe))
+        return Encoders(EmbeddingCache(None, Embedder), EmbeddingCache(None, probe))
     return Encoders(
         EmbeddingCache(folder / "embeddings.npz", Embedder),
-        EmbeddingCache(folder / "probe.npz", Probe),
+        EmbeddingCache(folder / "probe.npz", probe),
     )
 
 

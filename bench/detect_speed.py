@@ -185,8 +185,10 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
 
 def second_stage_speed(texts: Sequence[str]) -> dict[str, float]:
     """Both stages over `texts` in one batch, wall time (the models use threads)."""
-    from ptst.proxy.second_stage import SecondStage, unsure
+    from ptst.engine.demo_model import ensure_model
+    from ptst.proxy.second_stage import PROBE_MODEL, SecondStage, unsure
 
+    ensure_model(PROBE_MODEL)
     stage = SecondStage.load()
     asked = sum(unsure(detect(t), t[:HEAD_CHARS]) for t in texts)
     stage.judge_many(texts[:8])  # warm-up

@@ -81,8 +81,10 @@ def process(
 def run(args: argparse.Namespace) -> int:
     judge = detect
     if args.second_stage:
-        from ptst.proxy.second_stage import SecondStage
+        from ptst.engine.demo_model import ensure_model
+        from ptst.proxy.second_stage import PROBE_MODEL, SecondStage
 
+        ensure_model(PROBE_MODEL)  # the probe's model, built once
         judge = SecondStage.load().judge
     try:
         process(sys.stdin.buffer, sys.stdout, flush_each=not args.batch, judge=judge)

@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from ptst.commands import supervisor
+from ptst.engine.demo_model import DemoModelError, ensure_model
 from ptst.proxy import workers
 from ptst.proxy.app import create_app
 from ptst.proxy.config import ConfigError, load_settings
@@ -101,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, SnapshotError) as exc:
         print(f"ptst serve: {exc}", file=sys.stderr)
         return 2
+    if settings.log.second_stage:
+        from ptst.proxy.second_stage import PROBE_MODEL
+
+        try:  # the second stage's probe model, built once, before the workers load it
+            ensure_model(PROBE_MODEL)
+        except DemoModelError as exc:
+            print(f"ptst serve: log.second_stage: {exc}", file=sys.stderr)
+            return 2
     os.environ[CONFIG_ENV] = str(args.config.resolve())
     options: dict[str, Any] = {
         "factory": True,

